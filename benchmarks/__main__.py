@@ -1,0 +1,30 @@
+"""Run benchmarks: ``python -m benchmarks`` (all) or ``python -m benchmarks truncated nmf``."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+from .common import machine
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    here = Path(__file__).parent
+    available = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
+    chosen = argv or available
+    unknown = [n for n in chosen if n not in available]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; available: {available}", file=sys.stderr)
+        return 2
+    print(f"machine: {machine()}")
+    for name in chosen:
+        print(f"== {name} ==", flush=True)
+        importlib.import_module(f"benchmarks.bench_{name}").main([])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
