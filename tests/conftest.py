@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests run on CPU with few threads and never touch the network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own CIRCUITS_CACHE so nothing leaks between tests or into ~/.cache."""
+    monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def inception():
+    from circuits.models import InceptionV1
+
+    torch.manual_seed(0)
+    return InceptionV1().eval()
+
+
+@pytest.fixture(scope="session")
+def fashion_model():
+    from circuits.models import load_model
+
+    return load_model()

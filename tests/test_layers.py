@@ -1,0 +1,134 @@
+import pytest
+import torch
+from torch import nn
+
+from circuits.layers import (
+    Target,
+    UnknownLayerError,
+    capture,
+    check_channel,
+    get_layer,
+    layer_names,
+    list_layers,
+    parse_target,
+    replace_activation,
+    run_until,
+)
+from circuits.models import FashionInception
+
+
+@pytest.fixture()
+def model():
+    torch.manual_seed(0)
+    return FashionInception().eval()
+
+
+def _n_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_unknown_layer_lists_close_matches(model):
+    with pytest.raises(UnknownLayerError) as info:
+        get_layer(model, "mixed3c")
+    msg = str(info.value)
+    assert "mixed3c" in msg and "mixed3a" in msg and "mixed3b" in msg
+    assert "mixed3a" in info.value.close_matches
+
+
+def test_layer_names_are_lucid_style(model):
+    names = layer_names(model)
+    for n in ["conv2d0", "conv2d2", "mixed3a", "mixed3b_3x3_bottleneck", "mixed3b_5x5", "mixed3b_pool_reduce", "logits"]:
+        assert n in names
+
+
+def test_capture_several_layers_in_one_forward(model):
+    x = torch.rand(2, 1, 28, 28)
+    with capture(model, ["conv2d2", "mixed3a", "mixed4a"]) as acts:
+        out = model(x)
+    assert acts["conv2d2"].shape == (2, 64, 14, 14)
+    assert acts["mixed3a"].shape == (2, 112, 14, 14)
+    assert acts["mixed4a"].shape == (2, 224, 7, 7)
+    assert out.shape == (2, 10)
+    assert _n_hooks(model) == 0
+    # mixed3a is exactly the concatenation of its four branches
+    with capture(model, ["mixed3a", "mixed3a_1x1", "mixed3a_3x3", "mixed3a_5x5", "mixed3a_pool_reduce"]) as a:
+        model(x)
+    cat = torch.cat([a["mixed3a_1x1"], a["mixed3a_3x3"], a["mixed3a_5x5"], a["mixed3a_pool_reduce"]], 1)
+    assert torch.equal(cat, a["mixed3a"])
+
+
+def test_hooks_removed_after_exception(model):
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(model, ["mixed3a", "mixed3b"]):
+            model(torch.rand(1, 1, 28, 28))
+            raise RuntimeError("boom")
+    assert _n_hooks(model) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with replace_activation(model, "mixed3a", lambda t: t * 0):
+            raise RuntimeError("boom")
+    assert _n_hooks(model) == 0
+    # an exception raised by the model itself inside run_until also leaves no hook
+    with pytest.raises(RuntimeError):
+        run_until(model, torch.rand(1, 3, 28, 28), "mixed3a")  # wrong channel count
+    assert _n_hooks(model) == 0
+
+
+def test_replace_activation_changes_downstream(model):
+    x = torch.rand(1, 1, 28, 28)
+    with capture(model, "mixed3a") as acts:
+        model(x)
+    zeros = torch.zeros_like(acts["mixed3a"])
+    with replace_activation(model, "mixed3a", zeros), capture(model, "mixed3b_1x1_pre_relu_conv") as a2:
+        model(x)
+    bias = model.mixed3b_1x1_pre_relu_conv.bias
+    assert torch.allclose(a2["mixed3b_1x1_pre_relu_conv"][0, :, 3, 3], bias)
+    with pytest.raises(ValueError, match="shape"):
+        with replace_activation(model, "mixed3a", torch.zeros(1, 5, 14, 14)):
+            model(x)
+
+
+def test_run_until_stops_early_and_matches_full_forward(model):
+    calls = []
+    handle = model.logits.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        x = torch.rand(3, 1, 28, 28)
+        acts = run_until(model, x, ["mixed3a", "conv2d2"])
+        assert not calls, "logits ran although only mixed3a was needed"
+        with capture(model, ["mixed3a"]) as full:
+            model(x)
+        assert torch.equal(acts["mixed3a"], full["mixed3a"])
+    finally:
+        handle.remove()
+
+
+def test_list_layers_shapes_and_params(model):
+    rows = {r.name: r for r in list_layers(model)}
+    assert rows["mixed3b"].output_shape == (160, 14, 14)
+    assert rows["logits"].output_shape == (10,)
+    assert rows["conv2d0_pre_relu_conv"].n_params == 32 * 1 * 3 * 3 + 32
+    assert sum(r.n_params for r in rows.values()) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("mixed4a", Target("mixed4a")),
+        ("mixed4a:476", Target("mixed4a", 476)),
+        ("mixed4a:476@3,4", Target("mixed4a", 476, (3, 4))),
+        ("features.3:7", Target("features.3", 7)),
+    ],
+)
+def test_parse_target(spec, expected):
+    assert parse_target(spec) == expected
+    assert str(parse_target(spec)) == spec
+
+
+@pytest.mark.parametrize("bad", ["", ":3", "mixed4a:x", "mixed4a:-1", "mixed4a:3@1"])
+def test_parse_target_errors(bad):
+    with pytest.raises(ValueError):
+        parse_target(bad)
+
+
+def test_check_channel_states_range():
+    with pytest.raises(ValueError, match=r"0\.\.111"):
+        check_channel("mixed3a", 112, 112)
