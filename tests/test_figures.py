@@ -167,7 +167,8 @@ def test_factor_order_groups_by_dominant_factor():
     assert set(order_top.tolist()) == {8, 9, 10, 11}
     res = factor_ordered_multiples(w, loadings, top_n=6)
     np.testing.assert_array_equal(res.data["slices"], w[res.data["order"]])
-    assert res.figure.axes[0].get_title().startswith("F")
+    titles = [ax.get_title() for ax in res.figure.axes if ax.get_title()]
+    assert len(titles) == 6 and all(t.startswith(f"F{f} ") for t, f in zip(titles, res.data["factor"]))
     with pytest.raises(ValueError, match=r"\[k, in\]"):
         factor_order(w, loadings[:, :5])
 
