@@ -1,0 +1,47 @@
+"""Feature visualization: an image that maximally activates a neuron names it.
+
+::
+
+    from circuits.featurevis import render, variable_names, objectives
+    result = render(model, ["mixed4a:476", "mixed4a:477"], steps=512)    # batched
+    result.images                  # [2, 3, 128, 128] in [0, 1]
+    names = variable_names(model, [f"mixed4a:{i}" for i in range(200)])  # cached on disk
+    render(model, objectives.channel("mixed4a", 1) + 0.5 * objectives.neuron("mixed4a", 2))
+
+Modules: ``param`` (Fourier image + colour decorrelation), ``transforms`` (Lucid's robustness
+transforms as one affine resample), ``objectives``, ``relu`` (redirected ReLU), ``render``,
+``cache`` (disk cache by model hash + request), ``examples`` (dataset examples).
+"""
+
+from . import objectives
+from .cache import FeatureVisCache, default_cache_dir
+from .examples import DatasetExamples, dataset_examples, objective_values
+from .objectives import Objective, as_objective, channel, direction, direction_cossim, neuron
+from .param import ImageParam
+from .relu import RedirectedReLUFunction, redirected_relu
+from .render import RenderResult, element_seed, render, variable_names
+from .transforms import Transforms, default_transforms
+
+__all__ = [
+    "render",
+    "variable_names",
+    "RenderResult",
+    "element_seed",
+    "objectives",
+    "Objective",
+    "as_objective",
+    "channel",
+    "neuron",
+    "direction",
+    "direction_cossim",
+    "dataset_examples",
+    "objective_values",
+    "DatasetExamples",
+    "FeatureVisCache",
+    "default_cache_dir",
+    "ImageParam",
+    "Transforms",
+    "default_transforms",
+    "redirected_relu",
+    "RedirectedReLUFunction",
+]
