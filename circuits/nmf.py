@@ -1,0 +1,882 @@
+"""One-sided NMF of weights ("Visualizing Weights", aside *One Simple Trick*).
+
+A conv neuron's input weights ``[in, kh, kw]`` have hundreds of input channels; reduce that
+axis to 3 non-negative factors and draw the factors' spatial maps as R, G, B.
+
+What this module offers:
+
+- :func:`posneg` – split signs: ``relu(x)`` and ``relu(-x)`` concatenated along ``dim``.
+- :func:`nmf` – a batched NMF solver in torch: many independent matrices ``[B, m, n]`` are
+  factored as one problem on the tensor's device (HALS / cyclic coordinate descent, the same
+  update order and stopping rule as scikit-learn's default ``solver="cd"``, with a batched
+  ``nndsvda`` initialisation). Each matrix stops on its own when it has converged.
+- :class:`NMFReducer` – a scikit-learn-style estimator that reduces any axis of an N-d numpy
+  array or torch tensor (like Lucid/Lucent's ``ChannelReducer``), optionally with one axis
+  indexing independent problems.
+- :func:`neuron_factors` – per neuron: 3 spatial maps (the RGB picture) and signed channel
+  loadings, plus how much of the weights they explain.
+- :func:`family_factors` – a family of neurons: non-negative directions in input-channel space
+  and each neuron's signed loadings on them (article figure 7).
+- :func:`factors_rgb` – the spatial maps as an RGB numpy image, upsampled without blurring.
+- :func:`banding_score` / :func:`weight_banding` – how much spatial factors vary along y
+  versus x (article figure 2, weight banding).
+
+"Explained variance" everywhere in this module is the *uncentred* fraction of the data's sum
+of squares, ``1 - ||X - W H||_F**2 / ||X||_F**2`` (NMF has no mean term and the data are
+non-negative, so this is the natural measure); ``rel_error = ||X - W H||_F / ||X||_F``, and
+``explained = 1 - rel_error**2``. For posneg'd weights ``||X||_F = ||weights||_F``. An all-zero
+matrix (a dead unit) has ``rel_error = 0`` and ``explained = 1``.
+
+Example::
+
+    >>> import torch
+    >>> from circuits.nmf import neuron_factors, factors_rgb
+    >>> w = torch.randn(8, 16, 5, 5)              # [out, in, kh, kw]
+    >>> f = neuron_factors(w, 3)
+    >>> f.spatial.shape, f.loadings.shape, f.explained.shape
+    (torch.Size([8, 3, 5, 5]), torch.Size([8, 3, 16]), torch.Size([8]))
+    >>> factors_rgb(f, scale=4).shape
+    (8, 20, 20, 3)
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "posneg",
+    "nmf",
+    "NMFResult",
+    "NMFReducer",
+    "NeuronFactors",
+    "neuron_factors",
+    "FamilyFactors",
+    "family_factors",
+    "factors_rgb",
+    "banding_score",
+    "weight_banding",
+]
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+_INITS = ("nndsvda", "nndsvd", "random")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _as_tensor(x: object, name: str = "X", device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+    """numpy array / tensor → floating tensor (float16/bfloat16/ints → float32)."""
+    if isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        raise TypeError(f"{name} must be a numpy array or a torch tensor; got {type(x).__name__}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers; got dtype {t.dtype}")
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float32)
+    if device is not None:
+        t = t.to(device)
+    return t
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        nan = int(torch.isnan(t).sum())
+        raise ValueError(
+            f"{name} contains {bad} non-finite value(s) ({nan} NaN, {bad - nan} Inf) "
+            f"out of {t.numel()}; NMF needs finite data"
+        )
+
+
+def _check_k(k: object, m: int, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"n_components must be an int; got {type(k).__name__} {k!r}")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"n_components must be >= 1; got {k}")
+    if k > min(m, n):
+        raise ValueError(
+            f"n_components={k} is larger than the smaller dimension of the data "
+            f"(n_samples={m}, n_features={n}, min={min(m, n)}); choose n_components <= {min(m, n)}"
+        )
+    return k
+
+
+def _like(t: torch.Tensor, ref: ArrayLike) -> ArrayLike:
+    """Return ``t`` as the same kind of object as ``ref`` (numpy → numpy, tensor → tensor on its device)."""
+    if isinstance(ref, np.ndarray):
+        dtype = ref.dtype if ref.dtype in (np.float32, np.float64) else np.float32
+        return t.detach().cpu().numpy().astype(dtype, copy=False)
+    return t.to(ref.device)
+
+
+def _weight_tensor(weights: object, name: str = "weights") -> torch.Tensor:
+    if isinstance(weights, nn.Module):
+        w = getattr(weights, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{name}: module {type(weights).__name__} has no weight tensor")
+        weights = w
+    return _as_tensor(weights, name)
+
+
+def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
+
+
+def _fraction(err: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rel_error, explained) from ||X - WH|| and ||X||."""
+    rel = _safe_div(err, norm)
+    return rel, 1.0 - rel.square()
+
+
+# ----------------------------------------------------------------------------- posneg
+
+
+def posneg(x: ArrayLike, dim: int = 0) -> ArrayLike:
+    """``relu(x)`` and ``relu(-x)`` concatenated along ``dim`` (``x = a - b`` for the two halves).
+
+    Shapes: ``[..., d, ...]`` → ``[..., 2*d, ...]`` (``d`` at ``dim``); numpy in, numpy out.
+
+    Example::
+
+        >>> posneg(torch.tensor([[1.0, -2.0]]), dim=1)
+        tensor([[1., 0., 0., 2.]])
+    """
+    if isinstance(x, np.ndarray):
+        return np.concatenate([np.maximum(x, 0), np.maximum(-x, 0)], axis=dim)
+    if isinstance(x, torch.Tensor):
+        return torch.cat([torch.relu(x), torch.relu(-x)], dim=dim)
+    raise TypeError(f"posneg expects a numpy array or a torch tensor; got {type(x).__name__}")
+
+
+# ----------------------------------------------------------------------------- solver
+
+
+@dataclass
+class NMFResult:
+    """Output of :func:`nmf`. ``X ≈ W @ H``.
+
+    Shapes (batched input ``[B, m, n]``; for a single ``[m, n]`` matrix drop the ``B``):
+    ``W [B, m, k]``, ``H [B, k, n]``, and per matrix ``n_iter``, ``converged``,
+    ``reconstruction_err`` (``||X - W H||_F``), ``rel_error`` (``/ ||X||_F``) and
+    ``explained_variance`` (``1 - rel_error**2``), each ``[B]``.
+    """
+
+    W: torch.Tensor
+    H: torch.Tensor
+    n_iter: torch.Tensor
+    converged: torch.Tensor
+    reconstruction_err: torch.Tensor
+    rel_error: torch.Tensor
+    explained_variance: torch.Tensor
+
+
+def _nndsvd(X: torch.Tensor, k: int, fill: bool, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched NNDSVD (Boutsidis & Gallopoulos 2008), as scikit-learn's ``nndsvd``/``nndsvda``.
+
+    ``X [B, m, n]`` → ``W [B, m, k]``, ``H [B, k, n]``. The top-``k`` singular triplets come
+    from an eigendecomposition of the Gram matrix of the smaller side in float64 (exact up to
+    float64 rounding, and much faster than a batched SVD of wide matrices on the CPU).
+    ``fill=True`` ('a' variant) replaces zeros by the mean of the matrix.
+    """
+    B, m, n = X.shape
+    Xd = X.to(torch.float64)
+    if m <= n:
+        evals, evecs = torch.linalg.eigh(Xd @ Xd.mT)  # ascending
+        U = evecs[..., -k:].flip(-1)  # [B, m, k]
+        S = evals[..., -k:].flip(-1).clamp_min(0).sqrt()  # [B, k]
+        V = Xd.mT @ U  # [B, n, k], columns scaled by S
+    else:
+        evals, evecs = torch.linalg.eigh(Xd.mT @ Xd)
+        V = evecs[..., -k:].flip(-1)  # [B, n, k]
+        S = evals[..., -k:].flip(-1).clamp_min(0).sqrt()
+        U = Xd @ V
+    # Singular values at float64 noise level carry no direction: zero them (they'd become ~0 anyway).
+    tiny = S[..., :1] * 1e-7
+    keep = S > tiny
+    scale = torch.where(keep, 1.0 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))
+    if m <= n:
+        V = V * scale[:, None, :]
+    else:
+        U = U * scale[:, None, :]
+    S = torch.where(keep, S, torch.zeros_like(S))
+
+    W = torch.empty(B, m, k, dtype=torch.float64, device=X.device)
+    H = torch.empty(B, k, n, dtype=torch.float64, device=X.device)
+    s0 = S[:, 0].sqrt()[:, None]
+    W[..., 0] = s0 * U[..., 0].abs()
+    H[:, 0, :] = s0 * V[..., 0].abs()
+    for j in range(1, k):
+        x, y = U[..., j], V[..., j]
+        xp, yp = x.clamp(min=0), y.clamp(min=0)
+        xn, yn = (-x).clamp(min=0), (-y).clamp(min=0)
+        xpn, ypn = xp.norm(dim=-1, keepdim=True), yp.norm(dim=-1, keepdim=True)
+        xnn, ynn = xn.norm(dim=-1, keepdim=True), yn.norm(dim=-1, keepdim=True)
+        mp, mn = xpn * ypn, xnn * ynn
+        use_p = mp > mn
+        u = torch.where(use_p, _safe_div(xp, xpn), _safe_div(xn, xnn))
+        v = torch.where(use_p, _safe_div(yp, ypn), _safe_div(yn, ynn))
+        lbd = (S[:, j : j + 1] * torch.where(use_p, mp, mn)).sqrt()
+        W[..., j] = lbd * u
+        H[:, j, :] = lbd * v
+    W = W.to(X.dtype)
+    H = H.to(X.dtype)
+    W = torch.where(W < eps, torch.zeros_like(W), W)
+    H = torch.where(H < eps, torch.zeros_like(H), H)
+    if fill:
+        avg = X.mean(dim=(1, 2))[:, None, None]
+        W = torch.where(W == 0, avg.expand_as(W), W)
+        H = torch.where(H == 0, avg.expand_as(H), H)
+    return W.contiguous(), H.contiguous()
+
+
+def _hals_rows(H: torch.Tensor, G: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """One cyclic coordinate-descent sweep over the rows of ``H`` (in place).
+
+    Minimises ``||X - W H||`` in ``H`` given ``G = W^T W [B, k, k]`` and ``P = W^T X [B, k, n]``.
+    Returns the L1 norm of the projected gradient before each update, per matrix ``[B]``
+    (scikit-learn's ``violation``).
+    """
+    k = H.shape[1]
+    viol = torch.zeros(H.shape[0], dtype=H.dtype, device=H.device)
+    # Projected gradient: grad where h > 0, min(grad, 0) where h == 0. min(grad, h * big) is the
+    # same in one fused op (h >= 0); it differs only for denormal h, by a negligible amount.
+    big = torch.finfo(H.dtype).max * torch.finfo(H.dtype).eps  # h * big overflowing to inf is harmless
+    tiny = torch.finfo(H.dtype).tiny
+    for t in range(k):
+        h = H[:, t : t + 1, :]  # [B, 1, n] view
+        grad = torch.baddbmm(P[:, t : t + 1, :], G[:, t : t + 1, :], H, beta=-1)  # G_t H - P_t
+        viol += torch.linalg.vector_norm(torch.minimum(grad, h * big), ord=1, dim=(1, 2))
+        # hess == 0 means the t-th factor is all zero; then grad == 0 and the row is unchanged.
+        hess = G[:, t : t + 1, t : t + 1].clamp_min(tiny)
+        h.addcdiv_(grad, hess, value=-1).clamp_(min=0)
+    return viol
+
+
+def _sweep(X: torch.Tensor, Wt: torch.Tensor, H: torch.Tensor, update_H: bool) -> torch.Tensor:
+    """One outer iteration: update ``W`` (stored transposed, ``Wt [B, k, m]``) then ``H``."""
+    viol = _hals_rows(Wt, H @ H.mT, (X @ H.mT).mT)
+    if update_H:
+        viol = viol + _hals_rows(H, Wt @ Wt.mT, Wt @ X)
+    return viol
+
+
+def _prepare(X: object, k: object, max_iter: object, tol: object, init: str) -> tuple[torch.Tensor, int, bool]:
+    t = _as_tensor(X, "X")
+    if t.ndim not in (2, 3):
+        raise ValueError(f"X must be a matrix [m, n] or a batch of matrices [B, m, n]; got shape {tuple(t.shape)}")
+    batched = t.ndim == 3
+    if not batched:
+        t = t[None]
+    if t.shape[0] == 0 or t.shape[1] == 0 or t.shape[2] == 0:
+        raise ValueError(f"X must not be empty; got shape {tuple(t.shape)}")
+    _check_finite(t, "X")
+    lo = float(t.min())
+    if lo < 0:
+        raise ValueError(
+            f"NMF needs non-negative data; X has negative values (min {lo:.4g}). "
+            "Split signs first with circuits.nmf.posneg(x, dim)."
+        )
+    k = _check_k(k, t.shape[1], t.shape[2])
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int; got {max_iter!r}")
+    if not isinstance(tol, numbers.Real) or tol < 0:
+        raise ValueError(f"tol must be a non-negative number; got {tol!r}")
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}; got {init!r}")
+    return t, k, batched
+
+
+def nmf(
+    X: ArrayLike,
+    n_components: int = 3,
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    init: str = "nndsvda",
+    seed: int = 0,
+    H: Optional[ArrayLike] = None,
+    progress: bool = False,
+) -> NMFResult:
+    """Factor one matrix ``[m, n]`` or many independent ones ``[B, m, n]``: ``X ≈ W @ H``.
+
+    All matrices are solved together as one batched problem on ``X``'s device, in ``X``'s
+    float dtype. The algorithm is HALS (cyclic coordinate descent, W then H each iteration),
+    the same as scikit-learn's ``NMF(solver="cd")``, with its stopping rule applied *per
+    matrix*: matrix ``b`` stops after the first iteration where the L1 norm of its projected
+    gradient is ``<= tol`` × that of iteration 1, and its factors are frozen there, so solving
+    a batch gives what solving each matrix alone gives. Converged matrices are dropped from the
+    working set, so the cost falls as they finish.
+
+    Args:
+        X: non-negative, finite data ``[m, n]`` or ``[B, m, n]`` (numpy or torch).
+        n_components: ``k``, at most ``min(m, n)``.
+        max_iter: iteration budget (one iteration = one sweep over W and one over H).
+        tol: relative tolerance of the stopping rule (0 runs all ``max_iter`` iterations).
+        init: ``"nndsvda"`` (NNDSVD with zeros filled by the matrix mean; default, as
+            scikit-learn), ``"nndsvd"``, or ``"random"`` (``sqrt(mean/k) * |N(0,1)|``, drawn
+            for the whole batch from a generator seeded with ``seed``).
+        seed: seeds the random initialisation (the NNDSVD inits are deterministic).
+        H: fixed components ``[k, n]`` or ``[B, k, n]``: solve only for ``W`` (``transform``).
+            ``W`` starts at ``sqrt(mean(X)/k)`` as in scikit-learn.
+        progress: show a tqdm bar over iterations.
+
+    Returns:
+        :class:`NMFResult` with ``W [B, m, k]``, ``H [B, k, n]`` (no ``B`` for a 2-d ``X``).
+
+    Example::
+
+        >>> X = torch.rand(480, 25, 64)           # 480 neurons' posneg'd weights
+        >>> r = nmf(X, 3, max_iter=100)
+        >>> r.W.shape, r.H.shape, r.rel_error.shape
+        (torch.Size([480, 25, 3]), torch.Size([480, 3, 64]), torch.Size([480]))
+    """
+    Xt, k, batched = _prepare(X, n_components, max_iter, tol, init)
+    B, m, n = Xt.shape
+    dev, dtype = Xt.device, Xt.dtype
+    update_H = H is None
+    if update_H:
+        if init == "random":
+            gen = torch.Generator(device=dev).manual_seed(int(seed))
+            avg = (Xt.mean(dim=(1, 2)) / k).sqrt()[:, None, None]
+            Hw = avg * torch.randn(B, k, n, generator=gen, device=dev, dtype=dtype).abs()
+            Wt = avg * torch.randn(B, k, m, generator=gen, device=dev, dtype=dtype).abs()
+        else:
+            W0, Hw = _nndsvd(Xt, k, fill=init == "nndsvda")
+            Wt = W0.mT.contiguous()
+    else:
+        Hf = _as_tensor(H, "H", device=dev).to(dtype)
+        if Hf.ndim == 2:
+            Hf = Hf[None].expand(B, -1, -1)
+        if Hf.shape != (B, k, n):
+            raise ValueError(f"H must have shape [{k}, {n}] or [{B}, {k}, {n}]; got {tuple(Hf.shape)}")
+        _check_finite(Hf, "H")
+        if float(Hf.min()) < 0:
+            raise ValueError("H must be non-negative")
+        Hw = Hf.contiguous().clone()
+        avg = (Xt.mean(dim=(1, 2)) / k).sqrt()[:, None, None]
+        Wt = avg.expand(B, k, m).contiguous().clone()
+
+    out_Wt = Wt.clone()
+    out_H = Hw.clone()
+    n_iter = torch.full((B,), max_iter, dtype=torch.long, device=dev)
+    converged = torch.zeros(B, dtype=torch.bool, device=dev)
+    ids = torch.arange(B, device=dev)  # batch index of each working-set row
+    live = torch.ones(B, dtype=torch.bool, device=dev)  # working-set rows not yet stopped
+    Xw = Xt
+    vinit: Optional[torch.Tensor] = None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_iter, desc=f"NMF x{B}", leave=False)
+    for it in range(1, max_iter + 1):
+        viol = _sweep(Xw, Wt, Hw, update_H)
+        if vinit is None:
+            vinit = viol
+        done = (vinit == 0) | (viol <= tol * vinit)
+        stop = live if it == max_iter else done & live
+        if bar is not None:
+            bar.update(1)
+        if bool(stop.any()):
+            idx = ids[stop]
+            out_Wt[idx] = Wt[stop]
+            out_H[idx] = Hw[stop]
+            n_iter[idx] = it
+            converged[idx] = done[stop]
+            live = live & ~stop
+            n_live = int(live.sum())
+            if n_live == 0:
+                break
+            # Stopped rows stay in the working set (their saved factors are final) until
+            # dropping them pays for copying X: compact once a quarter of the rows are done.
+            if n_live <= 0.75 * live.numel():
+                ids, Xw, Wt, Hw, vinit = ids[live], Xw[live], Wt[live], Hw[live], vinit[live]
+                live = torch.ones(n_live, dtype=torch.bool, device=dev)
+    if bar is not None:
+        bar.close()
+
+    W = out_Wt.mT.contiguous()
+    err = _recon_err(Xt, W, out_H)
+    rel, expl = _fraction(err, Xt.flatten(1).norm(dim=1))
+    if not batched:
+        return NMFResult(W[0], out_H[0], n_iter[0], converged[0], err[0], rel[0], expl[0])
+    return NMFResult(W, out_H, n_iter, converged, err, rel, expl)
+
+
+def _recon_err(X: torch.Tensor, W: torch.Tensor, H: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``||X - W H||_F`` per matrix ``[B]``, computed in chunks of the batch."""
+    out = [
+        (X[i : i + chunk] - W[i : i + chunk] @ H[i : i + chunk]).flatten(1).norm(dim=1)
+        for i in range(0, X.shape[0], chunk)
+    ]
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- estimator
+
+
+class NMFReducer:
+    """scikit-learn-style NMF that reduces one axis of an N-d array (like Lucid's ``ChannelReducer``).
+
+    The reduced ``axis`` holds the features; every other axis is flattened into samples. With
+    ``batch_axis`` set, each index along that axis is an independent problem and all of them
+    are solved as one batch. numpy in → numpy out; a tensor in → a tensor on its device out.
+
+    Shapes (``F`` = size of ``axis``, ``k = n_components``, ``B`` = size of ``batch_axis``):
+    ``fit_transform(X)`` returns ``X``'s shape with ``axis`` of size ``k``;
+    ``components_`` is ``[k, F]`` (``[B, k, F]`` when batched); ``reconstruction_err_``,
+    ``rel_error_``, ``explained_variance_`` (uncentred, see the module doc) and ``n_iter_`` are
+    floats/ints (arrays ``[B]`` when batched).
+
+    Args:
+        n_components: ``k``.
+        axis: the axis reduced (features), default last (channels-last activations).
+        batch_axis: optional axis of independent problems.
+        max_iter, tol, init, seed: as :func:`nmf`.
+        device: where to compute (default: the input's device; numpy → CPU).
+
+    Example::
+
+        >>> acts = np.random.rand(10, 7, 7, 64).astype("float32")   # [N, H, W, C]
+        >>> red = NMFReducer(3)
+        >>> red.fit_transform(acts).shape, red.components_.shape
+        ((10, 7, 7, 3), (3, 64))
+        >>> w = torch.rand(480, 128, 5, 5)                          # one problem per neuron
+        >>> NMFReducer(3, axis=1, batch_axis=0).fit_transform(w).shape
+        torch.Size([480, 3, 5, 5])
+    """
+
+    def __init__(
+        self,
+        n_components: int = 3,
+        *,
+        axis: int = -1,
+        batch_axis: Optional[int] = None,
+        max_iter: int = 200,
+        tol: float = 1e-4,
+        init: str = "nndsvda",
+        seed: int = 0,
+        device: Optional[Union[str, torch.device]] = None,
+        progress: bool = False,
+    ):
+        if isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral) or n_components < 1:
+            raise ValueError(f"n_components must be a positive int; got {n_components!r}")
+        self.n_components = int(n_components)
+        self.axis = axis
+        self.batch_axis = batch_axis
+        self.max_iter = max_iter
+        self.tol = tol
+        self.init = init
+        self.seed = seed
+        self.device = device
+        self.progress = progress
+        self._H: Optional[torch.Tensor] = None
+
+    def __repr__(self) -> str:
+        return (
+            f"NMFReducer(n_components={self.n_components}, axis={self.axis}, batch_axis={self.batch_axis}, "
+            f"max_iter={self.max_iter}, tol={self.tol}, init={self.init!r})"
+        )
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def _axes(self, ndim: int) -> tuple[int, Optional[int]]:
+        def norm(a: int, what: str) -> int:
+            if isinstance(a, bool) or not isinstance(a, numbers.Integral) or not -ndim <= a < ndim:
+                raise ValueError(f"{what}={a!r} is out of range for an array with {ndim} dimensions")
+            return int(a) % ndim
+
+        ax = norm(self.axis, "axis")
+        bax = None if self.batch_axis is None else norm(self.batch_axis, "batch_axis")
+        if bax is not None and bax == ax:
+            raise ValueError(f"axis and batch_axis must differ; both are {ax}")
+        need = 2 if bax is None else 3
+        if ndim < need:
+            raise ValueError(f"expected an array with at least {need} dimensions; got {ndim}")
+        return ax, bax
+
+    def _flatten(self, X: ArrayLike) -> tuple[torch.Tensor, tuple[int, ...], int, Optional[int]]:
+        """N-d → ``[B, samples, features]`` and what is needed to undo it."""
+        t = _as_tensor(X, "X", self.device)
+        ax, bax = self._axes(t.ndim)
+        if bax is None:
+            moved = torch.movedim(t, ax, -1)
+            mid = tuple(moved.shape[:-1])
+            flat = moved.reshape(1, -1, moved.shape[-1])
+        else:
+            moved = torch.movedim(t, (bax, ax), (0, -1))
+            mid = tuple(moved.shape[1:-1])
+            flat = moved.reshape(moved.shape[0], -1, moved.shape[-1])
+        return flat, mid, ax, bax
+
+    def _unflatten(self, Y: torch.Tensor, mid: tuple[int, ...], ax: int, bax: Optional[int]) -> torch.Tensor:
+        last = Y.shape[-1]
+        if bax is None:
+            return torch.movedim(Y[0].reshape(*mid, last), -1, ax)
+        return torch.movedim(Y.reshape(Y.shape[0], *mid, last), (0, -1), (bax, ax))
+
+    def _out(self, v: torch.Tensor, ref: ArrayLike, scalar: bool = True) -> object:
+        if self.batch_axis is None and scalar:
+            return v[0].item()
+        return _like(v, ref)
+
+    # -- API ------------------------------------------------------------------------------
+
+    def fit_transform(self, X: ArrayLike) -> ArrayLike:
+        """Fit to ``X`` and return its reduced form (``X``'s shape, ``axis`` of size ``k``)."""
+        flat, mid, ax, bax = self._flatten(X)
+        r = nmf(
+            flat, self.n_components, max_iter=self.max_iter, tol=self.tol, init=self.init,
+            seed=self.seed, progress=self.progress,
+        )
+        self._H = r.H
+        self._ref = X
+        H = r.H if bax is not None else r.H[0]
+        self.components_ = _like(H, X)
+        self.reconstruction_err_ = self._out(r.reconstruction_err, X)
+        self.rel_error_ = self._out(r.rel_error, X)
+        self.explained_variance_ = self._out(r.explained_variance, X)
+        self.n_iter_ = self._out(r.n_iter, X)
+        self.n_features_in_ = flat.shape[-1]
+        return _like(self._unflatten(r.W, mid, ax, bax), X)
+
+    def fit(self, X: ArrayLike) -> "NMFReducer":
+        """Fit to ``X``; returns ``self``."""
+        self.fit_transform(X)
+        return self
+
+    def _check_fitted(self) -> torch.Tensor:
+        if self._H is None:
+            raise RuntimeError("this NMFReducer is not fitted yet; call fit or fit_transform first")
+        return self._H
+
+    def transform(self, X: ArrayLike) -> ArrayLike:
+        """Reduce new data with the fitted components (solves for ``W`` only, as scikit-learn)."""
+        H = self._check_fitted()
+        flat, mid, ax, bax = self._flatten(X)
+        if flat.shape[-1] != H.shape[-1] or flat.shape[0] != H.shape[0]:
+            raise ValueError(
+                f"X has {flat.shape[-1]} features along axis {ax} (batch {flat.shape[0]}); "
+                f"this reducer was fitted on {H.shape[-1]} features (batch {H.shape[0]})"
+            )
+        r = nmf(flat, self.n_components, max_iter=self.max_iter, tol=self.tol, H=H.to(flat.device, flat.dtype))
+        return _like(self._unflatten(r.W, mid, ax, bax), X)
+
+    def inverse_transform(self, Y: ArrayLike) -> ArrayLike:
+        """Map reduced data (``axis`` of size ``k``) back to feature space: ``Y @ components_``."""
+        H = self._check_fitted()
+        t = _as_tensor(Y, "Y", self.device)
+        ax, bax = self._axes(t.ndim)
+        if t.shape[ax] != self.n_components:
+            raise ValueError(f"Y must have size {self.n_components} along axis {ax}; got shape {tuple(t.shape)}")
+        flat, mid, ax, bax = self._flatten(t)
+        if flat.shape[0] != H.shape[0]:
+            raise ValueError(f"Y has batch size {flat.shape[0]}; fitted batch size is {H.shape[0]}")
+        Xh = flat @ H.to(flat.device, flat.dtype)
+        return _like(self._unflatten(Xh, mid, ax, bax), Y)
+
+    def __call__(self, X: ArrayLike) -> ArrayLike:
+        """``transform`` when fitted, else ``fit_transform`` (as Lucid's ChannelReducer)."""
+        return self.transform(X) if self._H is not None else self.fit_transform(X)
+
+
+# ----------------------------------------------------------------------------- neuron factors
+
+
+@dataclass
+class NeuronFactors:
+    """Per-neuron one-sided NMF of input weights (see :func:`neuron_factors`).
+
+    ``spatial [out, k, kh, kw]``: non-negative spatial maps, each scaled to max 1 (the RGB
+    picture). ``loadings [out, k, in]``: signed channel loadings ``B[k, c] - B[k, in + c]``
+    (they carry the scale). ``explained [out]`` and ``rel_error [out]`` (see the module doc),
+    ``neurons [out]`` the output-channel indices factored, ``n_iter [out]``.
+    Factors are ordered by their share of the reconstruction, largest first (R, G, B).
+    """
+
+    spatial: torch.Tensor
+    loadings: torch.Tensor
+    explained: torch.Tensor
+    rel_error: torch.Tensor
+    neurons: torch.Tensor
+    n_iter: torch.Tensor
+
+    def reconstruct(self) -> torch.Tensor:
+        """Signed approximation of the weights ``[out, in, kh, kw]`` = Σ_k loadings ⊗ spatial."""
+        return torch.einsum("okc,okyx->ocyx", self.loadings, self.spatial)
+
+
+def _select(w: torch.Tensor, neurons: Optional[Sequence[int]], n: int) -> torch.Tensor:
+    if neurons is None:
+        return torch.arange(n)
+    idx = torch.as_tensor(list(neurons) if not isinstance(neurons, torch.Tensor) else neurons, dtype=torch.long)
+    if idx.ndim != 1 or idx.numel() == 0:
+        raise ValueError(f"neurons must be a non-empty 1-d sequence of indices; got {neurons!r}")
+    bad = idx[(idx < 0) | (idx >= n)]
+    if bad.numel():
+        raise ValueError(f"neuron index {int(bad[0])} out of range for {n} output channels")
+    return idx
+
+
+def _sort_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale each ``A`` column to max 1 (scale moved into ``B``) and order factors by
+    ``||A_k|| ||B_k||`` descending. ``A [N, m, k]``, ``B [N, k, n]``."""
+    s = A.amax(dim=1)  # [N, k]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    A = A / safe[:, None, :]
+    B = B * safe[:, :, None]
+    share = A.norm(dim=1) * B.norm(dim=2)
+    order = share.argsort(dim=1, descending=True, stable=True)
+    A = A.gather(2, order[:, None, :].expand_as(A))
+    B = B.gather(1, order[:, :, None].expand_as(B))
+    return A, B
+
+
+def neuron_factors(
+    weights: Union[ArrayLike, nn.Module],
+    n_components: int = 3,
+    neurons: Optional[Sequence[int]] = None,
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    seed: int = 0,
+    progress: bool = False,
+) -> NeuronFactors:
+    """One-sided NMF of each neuron's input weights: spatial maps + signed channel loadings.
+
+    Per neuron ``W_o [in, kh, kw]``: ``X = posneg(W_o).reshape(2*in, kh*kw).T`` ``[kh*kw, 2*in]``
+    ≈ ``A @ B`` with ``A [kh*kw, k]`` (spatial maps) and ``B [k, 2*in]``; all neurons are one
+    batched problem (:func:`nmf`).
+
+    Args:
+        weights: conv weights ``[out, in, kh, kw]`` (direct or expanded), one neuron's
+            ``[in, kh, kw]``, or a module with a ``.weight`` (e.g. ``nn.Conv2d``).
+        n_components: ``k`` (3 for an RGB picture), at most ``min(kh*kw, 2*in)``.
+        neurons: output channels to factor (default all), in that order.
+        max_iter, tol, seed, progress: as :func:`nmf`.
+
+    Returns:
+        :class:`NeuronFactors` (``spatial [out, k, kh, kw]``, ``loadings [out, k, in]``,
+        ``explained [out]``, ``rel_error [out]``), on the weights' device.
+
+    Example::
+
+        >>> conv = circuits.get_layer(model, "mixed3b_3x3_pre_relu_conv")
+        >>> f = neuron_factors(conv, 3, neurons=[5, 9])
+        >>> f.spatial.shape                  # [2, 3, 3, 3]
+    """
+    w = _weight_tensor(weights)
+    if w.ndim == 3:
+        w = w[None]
+    if w.ndim != 4:
+        raise ValueError(
+            "neuron_factors expects conv weights [out, in, kh, kw] or one neuron's [in, kh, kw]; "
+            f"got shape {tuple(w.shape)} (for dense [out, in] weights use family_factors)"
+        )
+    _check_finite(w, "weights")
+    out, cin, kh, kw = w.shape
+    idx = _select(w, neurons, out)
+    w = w[idx.to(w.device)]
+    X = posneg(w, 1).reshape(len(idx), 2 * cin, kh * kw).mT
+    try:
+        k = _check_k(n_components, kh * kw, 2 * cin)
+    except ValueError as e:
+        raise ValueError(f"{e} (samples = kh*kw spatial positions, features = 2*in channel signs)") from None
+    r = nmf(X, k, max_iter=max_iter, tol=tol, seed=seed, progress=progress)
+    A, B = _sort_factors(r.W, r.H)
+    spatial = A.mT.reshape(len(idx), k, kh, kw)
+    loadings = B[..., :cin] - B[..., cin:]
+    return NeuronFactors(spatial, loadings, r.explained_variance, r.rel_error, idx, r.n_iter)
+
+
+# ----------------------------------------------------------------------------- family factors
+
+
+@dataclass
+class FamilyFactors:
+    """NMF of a neuron family's weights with input channels as features (see :func:`family_factors`).
+
+    ``directions [k, in]``: non-negative directions in input-channel space, unit L2 norm.
+    ``loadings``: each neuron's signed loading (positive part minus negative part) on each
+    direction, ``[out, k, kh, kw]`` for conv weights, ``[out, k]`` for dense ones.
+    ``explained``/``rel_error``: floats for the whole family. ``neurons [out]``: the indices
+    factored. ``dominant [out]``: each neuron's factor with the largest ``|loading|`` (L2 over
+    space) — the order for factor-ordered small multiples. Factors are ordered by share.
+    """
+
+    directions: torch.Tensor
+    loadings: torch.Tensor
+    explained: float
+    rel_error: float
+    neurons: torch.Tensor
+    dominant: torch.Tensor
+    n_iter: int
+
+    def reconstruct(self) -> torch.Tensor:
+        """Signed approximation of the family's weights, ``[out, in, kh, kw]`` or ``[out, in]``."""
+        if self.loadings.ndim == 2:
+            return self.loadings @ self.directions
+        return torch.einsum("okyx,kc->ocyx", self.loadings, self.directions)
+
+
+def family_factors(
+    weights: Union[ArrayLike, nn.Module],
+    n_components: int = 3,
+    neurons: Optional[Sequence[int]] = None,
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-4,
+    seed: int = 0,
+    init: str = "nndsvda",
+    progress: bool = False,
+) -> FamilyFactors:
+    """Non-negative directions in input-channel space shared by a family of neurons (article fig. 7).
+
+    Signs are split along the *neuron* axis (``posneg(W, 0)``), spatial positions become extra
+    samples: ``X [2*out*kh*kw, in] ≈ A @ D`` with ``D [k, in]`` the directions.
+
+    Args:
+        weights: conv ``[out, in, kh, kw]`` or dense ``[out, in]`` weights, or a module.
+        n_components: ``k``.
+        neurons: the family's output channels (default all).
+        max_iter, tol, seed, init, progress: as :func:`nmf`.
+
+    Example::
+
+        >>> fam = family_factors(conv.weight, 2, neurons=[1, 4, 7])
+        >>> fam.directions.shape, fam.loadings.shape      # [2, in], [3, 2, kh, kw]
+    """
+    w = _weight_tensor(weights)
+    if w.ndim not in (2, 4):
+        raise ValueError(f"family_factors expects conv weights [out, in, kh, kw] or dense [out, in]; got shape {tuple(w.shape)}")
+    _check_finite(w, "weights")
+    dense = w.ndim == 2
+    if dense:
+        w = w[:, :, None, None]
+    out, cin, kh, kw = w.shape
+    idx = _select(w, neurons, out)
+    w = w[idx.to(w.device)]
+    n = len(idx)
+    X = posneg(w, 0).permute(0, 2, 3, 1).reshape(2 * n * kh * kw, cin)
+    try:
+        k = _check_k(n_components, X.shape[0], cin)
+    except ValueError as e:
+        raise ValueError(f"{e} (samples = 2*neurons*kh*kw, features = input channels)") from None
+    r = nmf(X, k, max_iter=max_iter, tol=tol, seed=seed, init=init, progress=progress)
+    # unit-norm directions: move the scale into the loadings, then order by share
+    D, A = _sort_factors(r.H.mT[None], r.W.mT[None])  # D [1, in, k] scaled to max 1
+    D, A = D[0].mT, A[0].mT  # D [k, in], A [2*n*kh*kw, k]
+    nrm = D.norm(dim=1)
+    nrm = torch.where(nrm > 0, nrm, torch.ones_like(nrm))
+    D, A = D / nrm[:, None], A * nrm[None, :]
+    A = A.reshape(2, n, kh, kw, k)
+    load = (A[0] - A[1]).permute(0, 3, 1, 2)  # [n, k, kh, kw]
+    dominant = load.flatten(2).norm(dim=2).argmax(dim=1)
+    if dense:
+        load = load[:, :, 0, 0]
+    return FamilyFactors(D, load, float(r.explained_variance), float(r.rel_error), idx, dominant, int(r.n_iter))
+
+
+# ----------------------------------------------------------------------------- pictures & banding
+
+
+def _spatial_maps(x: Union[NeuronFactors, ArrayLike]) -> torch.Tensor:
+    if isinstance(x, NeuronFactors):
+        return x.spatial
+    return _as_tensor(x, "spatial")
+
+
+def factors_rgb(spatial: Union[NeuronFactors, ArrayLike], scale: int = 1) -> np.ndarray:
+    """Spatial factors as an RGB image, each map scaled to ``[0, 1]`` (divided by its max).
+
+    ``[k, kh, kw]`` → ``[kh*scale, kw*scale, 3]``; ``[out, k, kh, kw]`` (or a
+    :class:`NeuronFactors`) → ``[out, kh*scale, kw*scale, 3]``; float32 numpy. Upsampling repeats
+    pixels (nearest, no blur). Factor 0 is red, 1 green, 2 blue. ``k < 3`` leaves the missing
+    channels at 0; ``k > 3`` is an error (pass ``spatial[:, :3]`` to draw the first three).
+    Maps must be non-negative; an all-zero map stays black.
+
+    Example::
+
+        >>> factors_rgb(torch.rand(3, 5, 5), scale=10).shape
+        (50, 50, 3)
+    """
+    t = _spatial_maps(spatial)
+    if t.ndim not in (3, 4):
+        raise ValueError(f"spatial maps must be [k, kh, kw] or [out, k, kh, kw]; got shape {tuple(t.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Integral) or scale < 1:
+        raise ValueError(f"scale must be a positive int; got {scale!r}")
+    k = t.shape[-3]
+    if k > 3:
+        raise ValueError(f"an RGB picture shows at most 3 factors; got k={k}. Pass spatial[..., :3, :, :] to draw the first three")
+    _check_finite(t, "spatial maps")
+    if float(t.min()) < 0:
+        raise ValueError("spatial maps must be non-negative (NMF factors); got negative values")
+    a = t.detach().cpu().to(torch.float32).numpy()
+    mx = a.max(axis=(-2, -1), keepdims=True)
+    a = np.divide(a, mx, out=np.zeros_like(a), where=mx > 0)
+    if k < 3:
+        pad = [(0, 0)] * a.ndim
+        pad[-3] = (0, 3 - k)
+        a = np.pad(a, pad)
+    a = np.moveaxis(a, -3, -1)  # [..., kh, kw, 3]
+    if scale > 1:
+        a = np.repeat(np.repeat(a, scale, axis=-3), scale, axis=-2)
+    return np.ascontiguousarray(a)
+
+
+def banding_score(spatial: Union[NeuronFactors, ArrayLike]) -> torch.Tensor:
+    """Weight banding: do the spatial maps vary along y (horizontal bands) or along x?
+
+    For a map ``M [kh, kw]`` with population variance ``V``, let ``Vy`` be the variance of its
+    row means (the part of ``V`` explained by y alone) and ``Vx`` that of its column means.
+    ``Vy + Vx <= V`` (two-way decomposition; the rest is interaction). The score is
+    ``Σ_k (Vy_k - Vx_k) / Σ_k V_k`` over a neuron's ``k`` maps, in ``[-1, 1]``:
+    ``1`` = perfect horizontal bands (constant along x), ``-1`` = vertical bands, ``≈0`` for
+    isotropic or unstructured maps (``0`` when every map is constant).
+
+    Args:
+        spatial: maps ``[..., k, kh, kw]`` (e.g. ``NeuronFactors.spatial [out, k, kh, kw]``)
+            or a :class:`NeuronFactors`. Signed maps are fine too.
+
+    Returns:
+        ``[...]`` scores (``[out]`` for neuron factors).
+
+    Example::
+
+        >>> bands = torch.arange(5.0)[:, None].expand(5, 5)     # varies along y only
+        >>> banding_score(bands[None, None]).item()
+        1.0
+    """
+    t = _spatial_maps(spatial)
+    if t.ndim < 3:
+        raise ValueError(f"spatial maps must be [..., k, kh, kw]; got shape {tuple(t.shape)}")
+    _check_finite(t, "spatial maps")
+    t = t.to(torch.float64)
+    c = t - t.mean(dim=(-2, -1), keepdim=True)
+    v = c.square().mean(dim=(-2, -1)).sum(-1)
+    vy = c.mean(dim=-1).square().mean(dim=-1).sum(-1)
+    vx = c.mean(dim=-2).square().mean(dim=-1).sum(-1)
+    return _safe_div(vy - vx, v).to(torch.float32)
+
+
+def weight_banding(
+    weights: Union[ArrayLike, nn.Module], n_components: int = 3, neurons: Optional[Sequence[int]] = None, **kwargs: object
+) -> torch.Tensor:
+    """:func:`banding_score` of each neuron's NMF spatial factors: ``[out, in, kh, kw]`` → ``[out]``.
+
+    Example::
+
+        >>> weight_banding(get_layer(model, "mixed5b_5x5_pre_relu_conv")).mean()
+    """
+    return banding_score(neuron_factors(weights, n_components, neurons, **kwargs))
