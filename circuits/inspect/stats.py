@@ -1,0 +1,529 @@
+"""Per-layer weight statistics: one record per tensor, flags with a one-line reason.
+
+Every statistic is computed on the tensor's *finite* values (NaN and Inf are counted, then
+left out) in float32 (float64 tensors stay float64), in one pass over row blocks of at
+most ``chunk_elems`` elements (power sums around a shift, the first block's mean, then
+converted to central moments), so a 128 MB tensor needs only a few 16 MB temporaries:
+
+- ``mean``, ``std`` (population, ``ddof=0`` like ``numpy.std``), ``min``, ``max``;
+- ``skew`` = m3 / m2^1.5 and ``kurtosis`` = m4 / m2^2 - 3 (excess kurtosis), with ``m_k`` the
+  central moments — ``scipy.stats.skew(x)`` and ``scipy.stats.kurtosis(x)`` (``bias=True``,
+  Fisher); NaN when the values are constant;
+- ``fro_norm`` (L2 norm of all values) and ``spectral_norm`` (largest singular value of the
+  weight viewed as a matrix ``[out, in * kh * kw]``; conv weights ``[out, in, kh, kw]`` are
+  reshaped so). It is exact (largest eigenvalue of the smaller Gram matrix, ``eigvalsh``)
+  when the matrix's smaller side is at most ``spectral_exact_max``, and otherwise a power
+  iteration estimate (``power_iters`` iterations from a seeded random start, stopped early
+  when the estimate changes by less than ``power_tol`` relative): a lower bound that is
+  usually within a few percent, and exact in the limit. ``spectral_method`` records which;
+- ``near_zero``: fraction of values with ``|w| <= zero_threshold``;
+- ``dead_units``: indices of output units (rows of ``[out, -1]``: conv filters, linear rows)
+  whose every weight is ``|w| <= zero_threshold``;
+- ``n_nan`` / ``n_inf``;
+- ``init_std``: the default PyTorch init's std for the shape, ``1 / sqrt(3 * fan_in)``
+  (``kaiming_uniform_(a=sqrt(5))``, what ``nn.Conv2d``/``nn.Linear`` use), and ``flags``.
+
+Example:
+    >>> table = weight_stats(FashionInception())            # doctest: +SKIP
+    >>> print(table.to_text())                              # doctest: +SKIP
+    >>> table["logits.weight"].spectral_norm                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .._io import PathLike, atomic_write_text
+
+__all__ = [
+    "LayerStats",
+    "StatsTable",
+    "StatsConfig",
+    "tensor_stats",
+    "weight_stats",
+    "stats_from_items",
+    "spectral_norm",
+    "default_init_std",
+    "named_tensors",
+]
+
+
+@dataclass
+class StatsConfig:
+    """Knobs shared by every function that computes statistics.
+
+    Attributes:
+        zero_threshold: ``|w| <= zero_threshold`` counts as zero (near-zero fraction, dead units).
+        spectral: ``"auto"`` (exact when small, power iteration otherwise), ``"exact"``,
+            ``"power"`` or ``"none"``.
+        spectral_exact_max: largest smaller-side of a matrix for the exact spectral norm.
+        power_iters / power_tol / seed: power iteration settings.
+        chunk_elems: block size (elements) for the streaming moments.
+        std_ratio_high / std_ratio_low: flag when ``std / init_std`` is above / below these.
+        dead_fraction_flag: flag when at least this fraction of units is dead (any > 0 flags).
+        near_zero_flag: flag when at least this fraction of weights is near zero.
+    """
+
+    zero_threshold: float = 1e-6
+    spectral: str = "auto"
+    spectral_exact_max: int = 256
+    power_iters: int = 30
+    power_tol: float = 1e-4
+    seed: int = 0
+    chunk_elems: int = 1 << 22
+    std_ratio_high: float = 10.0
+    std_ratio_low: float = 0.05
+    dead_fraction_flag: float = 0.0
+    near_zero_flag: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.spectral not in ("auto", "exact", "power", "none"):
+            raise ValueError(f"spectral must be 'auto', 'exact', 'power' or 'none'; got {self.spectral!r}")
+        if not self.zero_threshold >= 0:
+            raise ValueError(f"zero_threshold must be >= 0; got {self.zero_threshold!r}")
+        if self.chunk_elems < 1 or self.power_iters < 1:
+            raise ValueError("chunk_elems and power_iters must be >= 1")
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one tensor (one row of a :class:`StatsTable`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    mean: float = math.nan
+    std: float = math.nan
+    min: float = math.nan
+    max: float = math.nan
+    skew: float = math.nan
+    kurtosis: float = math.nan
+    fro_norm: float = math.nan
+    spectral_norm: float = math.nan
+    spectral_method: str = ""
+    near_zero: float = math.nan
+    dead_units: list[int] = field(default_factory=list)
+    n_units: int = 0
+    n_nan: int = 0
+    n_inf: int = 0
+    init_std: float = math.nan
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def dead_fraction(self) -> float:
+        return len(self.dead_units) / self.n_units if self.n_units else 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        """A flat, JSON-friendly dict (shape as a list, NaN as ``None``)."""
+        rec = asdict(self)
+        rec["shape"] = list(self.shape)
+        for k, v in rec.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                rec[k] = None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return rec
+
+
+COLUMNS = [f.name for f in fields(LayerStats)]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.4g}"
+    if isinstance(v, tuple):
+        return "x".join(map(str, v)) if v else "scalar"
+    return str(v)
+
+
+class StatsTable(Sequence[LayerStats]):
+    """A list of :class:`LayerStats`, indexable by position or by tensor name.
+
+    Exports: :meth:`to_records`, :meth:`to_csv`, :meth:`to_json`, :meth:`to_dataframe`
+    (needs pandas), :meth:`to_text` (aligned columns, what the CLI prints).
+    ``skipped`` lists ``(name, reason)`` for tensors that have no statistics (integer buffers).
+    """
+
+    def __init__(self, rows: Iterable[LayerStats] = (), skipped: Iterable[tuple[str, str]] = ()):
+        self.rows: list[LayerStats] = list(rows)
+        self.skipped: list[tuple[str, str]] = list(skipped)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, str):
+            for row in self.rows:
+                if row.name == key:
+                    return row
+            import difflib
+
+            close = difflib.get_close_matches(key, self.names(), n=5)
+            raise KeyError(f"no statistics for {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        return self.rows[key]
+
+    def __iter__(self) -> Iterator[LayerStats]:
+        return iter(self.rows)
+
+    def __repr__(self) -> str:
+        return f"StatsTable({len(self.rows)} tensors, {sum(bool(r.flags) for r in self.rows)} flagged)"
+
+    def names(self) -> list[str]:
+        return [r.name for r in self.rows]
+
+    def flagged(self) -> list[LayerStats]:
+        """Rows that carry at least one flag."""
+        return [r for r in self.rows if r.flags]
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [r.to_record() for r in self.rows]
+
+    def to_json(self, path: Optional[PathLike] = None) -> str:
+        """JSON text (a list of records); also written atomically to ``path`` when given."""
+        text = json.dumps(self.to_records(), indent=1)
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    def to_csv(self, path: Optional[PathLike] = None) -> str:
+        """CSV text (lists joined with ``;``); also written atomically to ``path`` when given."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for rec in self.to_records():
+            rec["shape"] = "x".join(map(str, rec["shape"]))
+            rec["dead_units"] = ";".join(map(str, rec["dead_units"]))
+            rec["flags"] = "; ".join(rec["flags"])
+            writer.writerow({k: "" if v is None else v for k, v in rec.items()})
+        text = buf.getvalue()
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    def to_dataframe(self):  # -> pandas.DataFrame
+        """A pandas DataFrame, one row per tensor (raises ImportError naming pandas if missing)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("StatsTable.to_dataframe needs pandas: pip install pandas") from exc
+        return pd.DataFrame([asdict(r) for r in self.rows], columns=COLUMNS)
+
+    def to_text(self, max_flag_width: int = 60) -> str:
+        """Aligned plain-text table, then one line per flag."""
+        head = ["name", "shape", "params", "mean", "std", "min", "max", "skew", "kurt",
+                "fro", "spectral", "~0", "dead", "nan", "inf", "flags"]
+        body = []
+        for r in self.rows:
+            dead = f"{len(r.dead_units)}/{r.n_units}" if r.n_units else "-"
+            spec = _fmt(r.spectral_norm) + ("~" if r.spectral_method == "power" else "")
+            flag = "; ".join(r.flags)
+            if len(flag) > max_flag_width:
+                flag = flag[: max_flag_width - 3] + "..."
+            body.append([r.name, _fmt(r.shape), str(r.numel), _fmt(r.mean), _fmt(r.std), _fmt(r.min),
+                         _fmt(r.max), _fmt(r.skew), _fmt(r.kurtosis), _fmt(r.fro_norm), spec,
+                         f"{100 * r.near_zero:.1f}%" if math.isfinite(r.near_zero) else "-",
+                         dead, str(r.n_nan), str(r.n_inf), flag])
+        widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
+        numeric = set(range(2, 15))
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        out = [line(head), line(["-" * w for w in widths])]
+        out += [line(row) for row in body]
+        total = sum(r.numel for r in self.rows)
+        out.append(f"{len(self.rows)} tensors, {total:,} values, {len(self.flagged())} flagged "
+                   "(~ = power-iteration estimate)")
+        for name, reason in self.skipped:
+            out.append(f"skipped {name}: {reason}")
+        return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def default_init_std(shape: Sequence[int]) -> float:
+    """Std of PyTorch's default ``nn.Linear``/``nn.ConvNd`` weight init for ``shape``.
+
+    ``kaiming_uniform_(a=sqrt(5))`` draws from ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, whose
+    std is ``1 / sqrt(3 * fan_in)``, with ``fan_in = shape[1] * prod(shape[2:])``. NaN for
+    tensors with fewer than 2 dimensions.
+    """
+    if len(shape) < 2:
+        return math.nan
+    fan_in = int(shape[1]) * math.prod(int(s) for s in shape[2:])
+    return 1.0 / math.sqrt(3.0 * fan_in) if fan_in > 0 else math.nan
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """``[out, ...]`` → ``[out, prod(rest)]`` (conv ``[out, in, kh, kw]`` → ``[out, in*kh*kw]``)."""
+    return t.reshape(t.shape[0], -1)
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def spectral_norm(
+    weight: torch.Tensor,
+    method: str = "auto",
+    exact_max: int = 256,
+    iters: int = 30,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> tuple[float, str]:
+    """Largest singular value of ``weight`` viewed as ``[out, in * kh * kw]``.
+
+    Returns ``(value, method_used)`` with ``method_used`` ``"exact"`` or ``"power"``.
+    ``"exact"``: ``sqrt(eigvalsh(W W^T).max())`` on the smaller Gram matrix . ``"power"``: power iteration on ``W^T W`` (``iters`` steps, early stop when
+    the relative change is below ``tol``), a lower bound of the true value. ``"auto"``: exact
+    when ``min(out, in*kh*kw) <= exact_max``.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"spectral norm needs a tensor with >= 2 dimensions; got shape {tuple(weight.shape)}")
+    w = _as_matrix(weight)
+    if w.dtype not in (torch.float32, torch.float64):
+        w = w.float()
+    rows, cols = w.shape
+    if rows == 0 or cols == 0:
+        return 0.0, "exact"
+    if method == "auto":
+        method = "exact" if min(rows, cols) <= exact_max else "power"
+    with torch.no_grad():
+        if method == "exact":
+            gram = w @ w.T if rows <= cols else w.T @ w
+            value = torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt().item()
+            return float(value), "exact"
+        if method != "power":
+            raise ValueError(f"method must be 'auto', 'exact' or 'power'; got {method!r}")
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        v = torch.randn(cols, generator=gen, dtype=w.dtype).to(w.device)
+        v /= v.norm()
+        sigma = 0.0
+        for _ in range(iters):
+            u = w @ v
+            v = w.T @ u
+            norm_v = v.norm()
+            if norm_v == 0:
+                return 0.0, "power"
+            new = math.sqrt(norm_v.item())  # ||W^T W v|| -> sigma^2 for unit v
+            v /= norm_v
+            if sigma and abs(new - sigma) <= tol * new:
+                sigma = new
+                break
+            sigma = new
+        return float((w @ v).norm().item()), "power"
+
+
+# ----------------------------------------------------------------------------- core
+
+
+def tensor_stats(name: str, tensor: torch.Tensor, config: Optional[StatsConfig] = None, **kwargs: Any) -> LayerStats:
+    """Statistics of one floating-point tensor (any shape; conv ``[out, in, kh, kw]``).
+
+    Keyword arguments override fields of :class:`StatsConfig` (``zero_threshold=1e-3`` ...).
+    """
+    cfg = _config(config, kwargs)
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    t = tensor.detach()
+    if t.is_complex():
+        raise TypeError(f"{name}: complex tensors are not supported")
+    rec = LayerStats(name=name, shape=tuple(int(s) for s in t.shape), dtype=str(t.dtype).replace("torch.", ""),
+                     numel=t.numel(), init_std=default_init_std(t.shape))
+    if t.numel() == 0:
+        rec.flags.append("empty tensor")
+        return rec
+    wd = _work_dtype(t)
+    if t.dim() >= 2:
+        mat = _as_matrix(t)
+        rec.n_units = mat.shape[0]
+        rows_per = max(1, cfg.chunk_elems // max(1, mat.shape[1]))
+        blocks = [mat[i:i + rows_per] for i in range(0, mat.shape[0], rows_per)]
+    else:
+        flat = t.reshape(-1)
+        blocks = [flat[i:i + cfg.chunk_elems] for i in range(0, flat.numel(), cfg.chunk_elems)]
+    thr = cfg.zero_threshold
+    count = 0
+    shift: Optional[float] = None  # moments are accumulated around a shift K (first block's mean)
+    s1 = s2 = s3 = s4 = 0.0  # sums of d, d^2, d^3, d^4 with d = x - K
+    lo, hi = math.inf, -math.inf
+    n_nan = n_inf = n_zero = 0
+    dead: list[int] = []
+    any_nonfinite = False
+    row0 = 0
+    with torch.no_grad():
+        # one pass over row blocks: counts, shifted power sums, extremes, near-zero, dead units
+        for blk in blocks:
+            c = blk.to(wd)
+            n_rows = blk.shape[0] if t.dim() >= 2 else 0
+            fin = None
+            if not bool(torch.isfinite(c.sum())):
+                fin = torch.isfinite(c)
+                n_bad = int(c.numel() - int(fin.sum()))
+                if n_bad == 0:
+                    fin = None
+                else:
+                    any_nonfinite = True
+                    nan = int(torch.isnan(c).sum())
+                    n_nan += nan
+                    n_inf += n_bad - nan
+            near = None
+            if t.dim() >= 2:
+                a = c.abs()
+                if fin is None:
+                    near = a <= thr
+                    ok = a.amax(dim=1) <= thr
+                else:  # a dead row: every value finite and ~0
+                    rowmax = torch.where(fin, a, torch.zeros((), dtype=wd)).amax(dim=1)
+                    ok = (rowmax <= thr) & fin.all(dim=1)
+                dead += (torch.nonzero(ok).flatten() + row0).tolist()
+                row0 += n_rows
+                del a
+            x = c.reshape(-1) if fin is None else c[fin]
+            if x.numel() == 0:
+                continue
+            if shift is None:
+                shift = float(x.mean())
+            mn, mx = torch.aminmax(x)
+            lo, hi = min(lo, float(mn)), max(hi, float(mx))
+            n_zero += int(torch.count_nonzero(near if near is not None else x.abs() <= thr))
+            d = x - shift
+            s1 += float(d.sum())
+            s2 += float(torch.dot(d, d))
+            d2 = d * d
+            s3 += float(torch.dot(d2, d))
+            s4 += float(torch.dot(d2, d2))
+            count += x.numel()
+            del d, d2, x, c
+        rec.n_nan, rec.n_inf = n_nan, n_inf
+        rec.dead_units = dead
+        if count:
+            assert shift is not None
+            mu = s1 / count  # mean - K
+            e2, e3, e4 = s2 / count, s3 / count, s4 / count
+            m2 = max(e2 - mu * mu, 0.0)
+            m3 = e3 - 3 * mu * e2 + 2 * mu ** 3
+            m4 = e4 - 4 * mu * e3 + 6 * mu * mu * e2 - 3 * mu ** 4
+            mean = shift + mu
+            rec.mean, rec.std = mean, math.sqrt(m2)
+            rec.min, rec.max = lo, hi
+            if m2 > (abs(mean) + 1e-30) ** 2 * 1e-12:
+                rec.skew = m3 / m2 ** 1.5
+                rec.kurtosis = m4 / m2 ** 2 - 3.0
+            # sum x^2 = sum (d + K)^2
+            rec.fro_norm = math.sqrt(max(s2 + 2 * shift * s1 + count * shift * shift, 0.0))
+            rec.near_zero = n_zero / count
+        if t.dim() >= 2 and cfg.spectral != "none" and not any_nonfinite:
+            rec.spectral_norm, rec.spectral_method = spectral_norm(
+                t, cfg.spectral, cfg.spectral_exact_max, cfg.power_iters, cfg.power_tol, cfg.seed)
+    rec.flags = _flags(rec, cfg)
+    return rec
+
+
+def _flags(r: LayerStats, cfg: StatsConfig) -> list[str]:
+    flags = []
+    if r.n_nan:
+        flags.append(f"contains {r.n_nan} NaN")
+    if r.n_inf:
+        flags.append(f"contains {r.n_inf} Inf")
+    if r.numel and r.n_nan + r.n_inf == r.numel:
+        flags.append("no finite values")
+        return flags
+    if r.n_units and r.dead_units and r.dead_fraction >= cfg.dead_fraction_flag:
+        unit = "filters" if len(r.shape) >= 3 else "rows"
+        shown = ", ".join(map(str, r.dead_units[:8])) + (" ..." if len(r.dead_units) > 8 else "")
+        flags.append(f"{100 * r.dead_fraction:.0f}% of {unit} dead ({len(r.dead_units)}/{r.n_units}: {shown})")
+    if math.isfinite(r.init_std) and math.isfinite(r.std) and r.std > 0:
+        ratio = r.std / r.init_std
+        if ratio >= cfg.std_ratio_high:
+            flags.append(f"std {ratio:.0f}x the layer's init scale ({r.std:.3g} vs {r.init_std:.3g})")
+        elif ratio <= cfg.std_ratio_low:
+            flags.append(f"std {ratio:.2g}x the layer's init scale ({r.std:.3g} vs {r.init_std:.3g})")
+    elif r.std == 0 and r.numel > 1 and len(r.shape) >= 2:
+        flags.append(f"constant (all values {r.mean:.3g})")
+    if math.isfinite(r.near_zero) and r.near_zero >= cfg.near_zero_flag and len(r.shape) >= 2:
+        flags.append(f"{100 * r.near_zero:.0f}% of weights near zero (|w| <= {cfg.zero_threshold:g})")
+    return flags
+
+
+def _config(config: Optional[StatsConfig], overrides: Mapping[str, Any]) -> StatsConfig:
+    if config is None:
+        config = StatsConfig()
+    if overrides:
+        unknown = set(overrides) - {f.name for f in fields(StatsConfig)}
+        if unknown:
+            raise TypeError(f"unknown statistics option(s) {sorted(unknown)}; valid: {[f.name for f in fields(StatsConfig)]}")
+        config = StatsConfig(**{**asdict(config), **overrides})
+    return config
+
+
+def named_tensors(source: Union[nn.Module, Mapping[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs: a module's named parameters, or a state dict's entries.
+
+    Raises ``ValueError`` for an empty source and ``TypeError`` naming any non-tensor entry.
+    """
+    if isinstance(source, nn.Module):
+        items = [(n, p.detach()) for n, p in source.named_parameters()]
+        if not items:
+            raise ValueError(f"{type(source).__name__} has no parameters to inspect")
+        return items
+    if not isinstance(source, Mapping):
+        raise TypeError(f"expected an nn.Module or a state dict (mapping name -> tensor); got {type(source).__name__}")
+    if not source:
+        raise ValueError("the state dict is empty: there is nothing to inspect")
+    bad = [str(k) for k, v in source.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(f"state dict entries that are not tensors: {', '.join(bad[:10])}"
+                        + (" ..." if len(bad) > 10 else "") + "; pass a mapping of name -> torch.Tensor")
+    return [(str(k), v) for k, v in source.items()]
+
+
+def stats_from_items(items: Iterable[tuple[str, torch.Tensor]], config: Optional[StatsConfig] = None,
+                     progress: bool = False, total: Optional[int] = None, **kwargs: Any) -> StatsTable:
+    """Statistics for ``(name, tensor)`` pairs consumed one at a time (streaming-friendly).
+
+    Non-floating tensors (integer buffers such as ``num_batches_tracked``) are skipped and
+    listed in ``table.skipped``.
+    """
+    cfg = _config(config, kwargs)
+    rows, skipped = [], []
+    it: Iterable = items
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(items, total=total, desc="weight stats", unit="tensor", leave=False)
+    for name, t in it:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            skipped.append((name, f"{str(t.dtype).replace('torch.', '')} tensor, not floating point"))
+            continue
+        rows.append(tensor_stats(name, t, cfg))
+    return StatsTable(rows, skipped)
+
+
+def weight_stats(source: Union[nn.Module, Mapping[str, torch.Tensor]], config: Optional[StatsConfig] = None,
+                 progress: bool = False, **kwargs: Any) -> StatsTable:
+    """Per-tensor statistics of a module's named parameters or of a state dict.
+
+    Args:
+        source: an ``nn.Module`` (its ``named_parameters()``) or a state dict.
+        config: a :class:`StatsConfig`; keyword arguments override its fields.
+        progress: show a tqdm bar.
+
+    Returns:
+        A :class:`StatsTable` in the source's order.
+    """
+    items = named_tensors(source)
+    return stats_from_items(items, config, progress=progress, total=len(items), **kwargs)
