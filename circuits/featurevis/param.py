@@ -59,6 +59,7 @@ class ImageParam:
         decorrelate: colour decorrelation (3 channels only).
         sd: standard deviation of the random initial values.
         device: where the parameters live.
+        dtype: floating dtype of the parameters and images (the model's dtype).
 
     ``param.tensor`` is the leaf to optimise; ``param()`` returns ``[B, C, H, W]`` in ``[0, 1]``.
     """
@@ -72,6 +73,7 @@ class ImageParam:
         decorrelate: bool = True,
         sd: float = 0.01,
         device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ):
         if kind not in PARAMS:
             raise ValueError(f"param must be one of {PARAMS}, got {kind!r}")
@@ -88,9 +90,9 @@ class ImageParam:
         for s in seeds:
             g = torch.Generator().manual_seed(int(s))
             init.append(torch.randn(shape, generator=g) * sd)
-        self.tensor = torch.stack(init).to(device).requires_grad_(True)
-        self._scale = fft_scale(h, w)[None, None, :, :].to(device) if kind == "fft" else None
-        self._color = _color_matrix().to(device) if self.decorrelate else None
+        self.tensor = torch.stack(init).to(device=device, dtype=dtype).requires_grad_(True)
+        self._scale = fft_scale(h, w)[None, None, :, :].to(device=device, dtype=dtype) if kind == "fft" else None
+        self._color = _color_matrix().to(device=device, dtype=dtype) if self.decorrelate else None
 
     @property
     def batch(self) -> int:

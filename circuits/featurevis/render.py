@@ -4,7 +4,10 @@
 batch (chunked to a memory budget): each batch element has its own objective, its own
 random initialisation and its own random transforms, all derived from ``(seed, target)``, so
 an image never depends on the other targets in its batch, on the chunking, or on whether it
-came from the cache. The forward pass stops right after the deepest layer any objective
+came from the cache. (Exactly so for float64 models on the CPU; in float32, oneDNN's
+convolutions round differently for different batch sizes, and ties in max pools over the
+constant padding can route a gradient differently, so images agree closely, not bitwise.)
+The images and the optimisation use the model's floating dtype. The forward pass stops right after the deepest layer any objective
 reads (:func:`circuits.layers.run_until`), and the model's parameters are frozen during the
 optimisation so that the backward pass computes only the image gradient.
 """
@@ -77,11 +80,14 @@ def element_seed(seed: int, key: str) -> int:
     return int(hashlib.sha256(f"{int(seed)}|{key}".encode()).hexdigest()[:15], 16)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of the model's first parameter (or buffer)."""
     p = next(model.parameters(), None)
     if p is None:
         p = next(model.buffers(), None)
-    return p.device if p is not None else torch.device("cpu")
+    if p is None:
+        return torch.device("cpu"), torch.float32
+    return p.device, (p.dtype if p.is_floating_point() else torch.float32)
 
 
 @contextlib.contextmanager
@@ -131,9 +137,9 @@ def _resolve_transforms(transforms: object, size: tuple[int, int]) -> T.Transfor
     return tr
 
 
-def _probe(model: nn.Module, layers: Sequence[str], channels: int, out_size: tuple[int, int], device: torch.device) -> tuple[dict, int]:
+def _probe(model: nn.Module, layers: Sequence[str], channels: int, out_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple[dict, int]:
     """Shapes of the objective layers (batch excluded) and floats of activations per image."""
-    x = preprocess_input(model, torch.full((1, channels, *out_size), 0.5, device=device))
+    x = preprocess_input(model, torch.full((1, channels, *out_size), 0.5, device=device, dtype=dtype))
     names = layer_names(model)
     with torch.no_grad(), capture(model, names, detach=True) as everything:
         acts = run_until(model, x, list(layers), detach=True)
@@ -191,18 +197,19 @@ def _optimize(
     lr: float,
     redirect_steps: int,
     device: torch.device,
+    dtype: torch.dtype,
     amp: bool,
     channels_last: bool,
     bar: Optional[tqdm],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimise one batch: returns ``(images [B, C, H, W] cpu, values [B] cpu)``."""
     layers = list(dict.fromkeys(l for o in objectives for l in o.layers))
-    image = ImageParam(seeds, channels, size, kind=param, decorrelate=decorrelate, device=device)
+    image = ImageParam(seeds, channels, size, kind=param, decorrelate=decorrelate, device=device, dtype=dtype)
     draws = torch.stack(
         [transforms.sample(torch.Generator().manual_seed((int(s) * 2654435761 + 97) % (2**63)), steps) for s in seeds],
         dim=1,
     )  # [steps, B, 6]
-    thetas = transforms.matrices(draws, size).to(device)  # [steps, B, 2, 3]
+    thetas = transforms.matrices(draws, size).to(device=device, dtype=dtype)  # [steps, B, 2, 3]
     identity = transforms == T.Transforms.none()
     opt = _Adam(image.tensor, lr=lr)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -230,7 +237,7 @@ def _optimize(
     with torch.no_grad():
         final = image()
         values = forward(T.resize(final, out_size))
-    return final.detach().float().cpu(), values.detach().cpu()
+    return final.detach().float().cpu(), values.detach().float().cpu()
 
 
 def render(
@@ -292,7 +299,7 @@ def render(
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     objectives = [as_objective(t) for t in target_list]  # type: ignore[arg-type]
-    mdev = _model_device(model)
+    mdev, dtype = _model_device(model)
     dev = mdev if device is None else torch.device(device)
     if dev.type != mdev.type or (dev.index is not None and mdev.index is not None and dev.index != mdev.index):
         raise ValueError(f"device {dev} differs from the model's device {mdev}; move the model with model.to({str(dev)!r})")
@@ -309,7 +316,7 @@ def render(
         warnings.warn("mixed_precision is only used on CUDA devices; rendering in float32", stacklevel=2)
 
     layers = list(dict.fromkeys(l for o in objectives for l in o.layers))
-    shapes, per_image = _probe(model, layers, channels, out_size, dev)
+    shapes, per_image = _probe(model, layers, channels, out_size, dev, dtype)
     for o in objectives:
         o.validate(shapes)
 
@@ -336,6 +343,7 @@ def render(
             "lr": float(lr),
             "redirect_steps": redirect_steps,
             "mixed_precision": amp,
+            "dtype": str(dtype),
         }
         for i in range(n):
             req = dict(base, objective=keys[i], seed=seeds[i])
@@ -360,7 +368,7 @@ def render(
                         model, [objectives[i] for i in chunk], [seeds[i] for i in chunk],
                         channels=channels, size=size_hw, out_size=out_size, param=param,
                         decorrelate=decorrelate, transforms=tr, steps=steps, lr=lr,
-                        redirect_steps=redirect_steps, device=dev, amp=amp,
+                        redirect_steps=redirect_steps, device=dev, dtype=dtype, amp=amp,
                         channels_last=channels_last, bar=bar,
                     )
                     for j, i in enumerate(chunk):

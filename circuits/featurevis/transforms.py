@@ -101,16 +101,16 @@ class Transforms:
         """Draw every step's parameters ``[steps, 6]``: ``(t1x, t1y, scale, angle_deg, t2x, t2y)``.
 
         Jitter offsets are centred (``offset - (jitter - 1) / 2``)."""
-        j1 = torch.randint(self.jitter, (steps, 2), generator=generator).float() - (self.jitter - 1) / 2
+        j1 = torch.randint(self.jitter, (steps, 2), generator=generator).double() - (self.jitter - 1) / 2
         si = torch.randint(len(self.scales), (steps,), generator=generator)
         ai = torch.randint(len(self.angles), (steps,), generator=generator)
-        j2 = torch.randint(self.jitter2, (steps, 2), generator=generator).float() - (self.jitter2 - 1) / 2
-        scales = torch.tensor(self.scales)[si]
-        angles = torch.tensor(self.angles)[ai]
+        j2 = torch.randint(self.jitter2, (steps, 2), generator=generator).double() - (self.jitter2 - 1) / 2
+        scales = torch.tensor(self.scales, dtype=torch.float64)[si]
+        angles = torch.tensor(self.angles, dtype=torch.float64)[ai]
         return torch.cat([j1, scales[:, None], angles[:, None], j2], dim=1)
 
     def matrices(self, draws: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Affine matrices ``[..., 2, 3]`` for ``F.affine_grid`` (``align_corners=False``) from
+        """Affine matrices ``[..., 2, 3]`` (float64) for ``F.affine_grid`` (``align_corners=False``) from
         draws ``[..., 6]``; they map output coordinates in ``[-1, 1]`` to source coordinates."""
         h, w = size
         sh, sw = self.nominal_size(size)
@@ -126,7 +126,7 @@ class Transforms:
         b1 = ((-s * t2x + c * t2y) / scale + t1y) / (h / 2)
         row0 = torch.stack([a00, a01, b0], dim=-1)
         row1 = torch.stack([a10, a11, b1], dim=-1)
-        return torch.stack([row0, row1], dim=-2).float()
+        return torch.stack([row0, row1], dim=-2)
 
 
 def default_transforms(size: int | Sequence[int]) -> Transforms:

@@ -1,0 +1,367 @@
+"""Feature visualization: parameterizations, transforms, objectives, redirected ReLU, batched
+rendering, the disk cache and dataset examples (fast tests on small models)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from circuits.featurevis import (
+    FeatureVisCache,
+    ImageParam,
+    Transforms,
+    channel,
+    dataset_examples,
+    default_transforms,
+    direction,
+    direction_cossim,
+    neuron,
+    objective_values,
+    redirected_relu,
+    render,
+    variable_names,
+)
+import importlib
+from circuits.featurevis import transforms as T
+from circuits.featurevis.objectives import as_objective, evaluate_batch
+from circuits.featurevis.param import _color_matrix, fft_scale
+from circuits.featurevis.relu import RedirectedReLUFunction
+from circuits.layers import UnknownLayerError
+from circuits.models import FashionInception
+
+render_mod = importlib.import_module("circuits.featurevis.render")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny convolutions: one thread is as fast, and far faster on a shared, busy machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def fashion() -> nn.Module:
+    torch.manual_seed(0)
+    return FashionInception().eval()
+
+
+class TinyRGB(nn.Module):
+    """A 3-channel model with a functional ReLU (F.relu) and a dense head."""
+
+    input_shape = (3, 32, 32)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 6, 3, stride=2, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(self.act(self.conv(x)))
+        return self.head(self.pool(F.relu(h)).flatten(1))
+
+
+# --- parameterization -------------------------------------------------------------------
+
+def test_fft_param_shapes_range_and_seeds() -> None:
+    p = ImageParam([1, 2], channels=3, size=(20, 17))
+    img = p().detach()
+    assert img.shape == (2, 3, 20, 17)
+    assert float(img.min()) > 0 and float(img.max()) < 1
+    q = ImageParam([2], channels=3, size=(20, 17))
+    assert torch.equal(p.tensor[1], q.tensor[0])  # element init depends only on its own seed
+    assert not torch.equal(p.tensor[0], p.tensor[1])
+    g = ImageParam([0], channels=1, size=(28, 28), kind="pixel")
+    assert g().shape == (1, 1, 28, 28)
+
+
+def test_fft_scale_and_colour_matrix() -> None:
+    s = fft_scale(8, 8)
+    assert s.shape == (8, 5)
+    assert s[0, 0] == pytest.approx(8.0)  # DC clamped at 1/max(h, w)
+    assert s[0, 1] == pytest.approx(8.0)  # |f| = 1/8
+    assert s[4, 4] == pytest.approx(1 / math.sqrt(0.5**2 + 0.5**2))
+    m = _color_matrix()
+    assert m.norm(dim=0).max() == pytest.approx(1.0)
+
+
+def test_fft_param_matches_the_definition() -> None:
+    """irfft2 (orthonormal) of the scaled coefficients / 4, decorrelated, sigmoid."""
+    p = ImageParam([5], channels=3, size=(6, 6))
+    coeffs = torch.view_as_complex(p.tensor.detach()) * fft_scale(6, 6)
+    x = torch.fft.irfft2(coeffs, s=(6, 6), norm="ortho") / 4
+    x = torch.einsum("ij,bjhw->bihw", _color_matrix(), x)
+    torch.testing.assert_close(p().detach(), torch.sigmoid(x))
+
+
+# --- transforms -------------------------------------------------------------------------
+
+def _draw(t1=(0.0, 0.0), scale=1.0, angle=0.0, t2=(0.0, 0.0)) -> torch.Tensor:
+    return torch.tensor([[t1[0], t1[1], scale, angle, t2[0], t2[1]]])
+
+
+def test_identity_transform_is_exact() -> None:
+    img = torch.rand(2, 3, 9, 11)
+    tr = Transforms.none()
+    theta = tr.matrices(_draw().expand(2, 6), (9, 11))
+    torch.testing.assert_close(T.apply(img, theta, (9, 11)), img, atol=1e-6, rtol=0)
+
+
+def test_pad_and_jitter_are_exact_pixel_operations() -> None:
+    img = torch.rand(1, 1, 10, 10)
+    tr = Transforms(pad=2, jitter=3, scales=(1.0,), angles=(0.0,), jitter2=1)
+    size = tr.nominal_size((10, 10))
+    assert size == (12, 12)
+    padded = F.pad(img, (2, 2, 2, 2), value=0.5)
+    for ox, oy in [(0, 0), (2, 1), (1, 2)]:
+        theta = tr.matrices(_draw(t1=(ox - 1, oy - 1)), (10, 10))
+        out = T.apply(img, theta, size)
+        torch.testing.assert_close(out, padded[..., oy:oy + 12, ox:ox + 12], atol=1e-5, rtol=0)
+
+
+def test_rotation_by_90_degrees() -> None:
+    img = torch.rand(1, 1, 8, 8)
+    tr = Transforms(pad=0, jitter=1, scales=(1.0,), angles=(90.0,), jitter2=1)
+    out = T.apply(img, tr.matrices(_draw(angle=90.0), (8, 8)), (8, 8))
+    assert any(torch.allclose(out, torch.rot90(img, k, (-2, -1)), atol=1e-5) for k in (1, 3))
+
+
+def test_transform_draws_are_per_generator() -> None:
+    tr = Transforms()
+    a = tr.sample(torch.Generator().manual_seed(3), 50)
+    b = tr.sample(torch.Generator().manual_seed(3), 50)
+    assert torch.equal(a, b) and a.shape == (50, 6)
+    assert set(a[:, 2].tolist()) <= set(tr.scales)
+    assert a[:, 0].abs().max() <= 3.5 and a[:, 4].abs().max() <= 1.5
+
+
+def test_default_transforms_scale_with_size() -> None:
+    assert default_transforms(128) == Transforms()
+    assert default_transforms(224) == Transforms()
+    small = default_transforms(28)
+    assert (small.pad, small.jitter, small.jitter2) == (3, 2, 1)
+    with pytest.raises(ValueError, match="too small for the transforms"):
+        Transforms().check_size((16, 16))
+
+
+# --- objectives -------------------------------------------------------------------------
+
+def test_objectives_values_and_arithmetic() -> None:
+    acts = {"a": torch.randn(3, 5, 4, 6), "d": torch.randn(3, 7)}
+    a = acts["a"]
+    torch.testing.assert_close(channel("a", 2)(acts), a[:, 2].mean((1, 2)))
+    torch.testing.assert_close(channel("d", 4)(acts), acts["d"][:, 4])
+    torch.testing.assert_close(neuron("a", 1)(acts), a[:, 1, 2, 3])
+    torch.testing.assert_close(neuron("a", 1, (0, 5))(acts), a[:, 1, 0, 5])
+    v = torch.randn(5)
+    torch.testing.assert_close(direction("a", v)(acts), torch.einsum("bchw,c->bhw", a, v).mean((1, 2)))
+    torch.testing.assert_close(direction("a", v, (1, 1))(acts), a[:, :, 1, 1] @ v)
+    at = a[:, :, 2, 3]
+    dot = at @ v
+    cos = dot / (1e-4 + at.norm(dim=1) * v.norm())
+    torch.testing.assert_close(direction_cossim("a", v)(acts), dot / 5 * cos.clamp(min=0.1))
+    combo = channel("a", 0) + 2 * neuron("a", 1) - channel("d", 0) / 4
+    expected = a[:, 0].mean((1, 2)) + 2 * a[:, 1, 2, 3] - acts["d"][:, 0] / 4
+    torch.testing.assert_close(combo(acts), expected)
+    torch.testing.assert_close(sum([channel("a", 0), channel("a", 1)])(acts), a[:, :2].mean((2, 3)).sum(1))
+    assert set(combo.layers) == {"a", "d"}
+    assert as_objective("a:3").key == "a:3" and as_objective("a:3@1,2")(acts).shape == (3,)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(["a:0", "a:3", "d:1", "a:2@1,1", "mix"]), min_size=1, max_size=6))
+def test_evaluate_batch_equals_per_element(specs: list[str]) -> None:
+    torch.manual_seed(len(specs))
+    b = len(specs)
+    acts = {"a": torch.randn(b, 4, 3, 3), "d": torch.randn(b, 2)}
+    objs = [channel("a", 1) + channel("d", 0) if s == "mix" else as_objective(s) for s in specs]
+    expected = torch.stack([o({k: v[i:i + 1] for k, v in acts.items()})[0] for i, o in enumerate(objs)])
+    torch.testing.assert_close(evaluate_batch(objs, acts), expected)
+
+
+def test_objective_errors(fashion: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"valid: 0\.\.223"):
+        render(fashion, "mixed4a:224", steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"valid: 0\.\.9"):
+        render(fashion, "logits:10", steps=1, progress=False)
+    with pytest.raises(UnknownLayerError, match="mixed4a"):
+        render(fashion, "mixed4x:1", steps=1, progress=False)
+    with pytest.raises(ValueError, match="length 5.*224 channels"):
+        render(fashion, direction("mixed4a", torch.ones(5)), steps=1, progress=False)
+    with pytest.raises(ValueError, match="too small for the transforms"):
+        render(fashion, "mixed4a:1", steps=1, size=16, transforms="lucid", progress=False)
+    with pytest.raises(ValueError, match="no channel"):
+        render(fashion, "mixed4a", steps=1, progress=False)
+    with pytest.raises(ValueError, match="outside layer"):
+        render(fashion, "mixed4a:1@9,0", steps=1, progress=False)
+    with pytest.raises(ValueError, match="param must be"):
+        render(fashion, "mixed4a:1", steps=1, param="dct", progress=False)
+    with pytest.raises(TypeError, match="multiplied by numbers"):
+        channel("a", 1) * channel("a", 2)
+
+
+# --- redirected ReLU --------------------------------------------------------------------
+
+def test_redirected_relu_gradient() -> None:
+    x = torch.tensor([[-1.0, -2.0, -0.5], [1.0, -1.0, 2.0]], requires_grad=True)
+    g = torch.tensor([[1.0, -1.0, -2.0], [3.0, 4.0, 5.0]])
+    y = RedirectedReLUFunction.apply(x)
+    assert torch.equal(y, x.relu())
+    y.backward(g)
+    # element 0: all dead → upstream passes except where it would push lower (g > 0)
+    # element 1: alive → ordinary ReLU gradient
+    assert torch.equal(x.grad, torch.tensor([[0.0, -1.0, -2.0], [3.0, 0.0, 5.0]]))
+
+
+def test_redirected_relu_mode_is_scoped() -> None:
+    relu = nn.ReLU()
+    x = torch.full((1, 4), -1.0, requires_grad=True)
+    with redirected_relu():
+        relu(x).sum().mul(-1).backward()  # loss = -sum: pushes up → redirected gradient -1
+        assert torch.equal(x.grad, -torch.ones(1, 4))
+        x.grad = None
+        F.relu(x).sum().mul(-1).backward()
+        assert torch.equal(x.grad, -torch.ones(1, 4))
+    x.grad = None
+    relu(x).sum().mul(-1).backward()
+    assert torch.equal(x.grad, torch.zeros(1, 4))  # ordinary ReLU again
+    with pytest.raises(RuntimeError):
+        with redirected_relu():
+            raise RuntimeError("boom")
+    x.grad = None
+    torch.relu(x).sum().backward()
+    assert torch.equal(x.grad, torch.zeros(1, 4))
+
+
+# --- render -----------------------------------------------------------------------------
+
+TARGETS = ["mixed4a:3", "logits:2", "mixed3b:7@5,6"]
+
+
+def test_render_is_seeded(fashion: nn.Module) -> None:
+    kw = dict(steps=12, progress=False, seed=7)
+    r = render(fashion, TARGETS, **kw)
+    assert r.images.shape == (3, 1, 28, 28) and r.images.dtype == torch.float32
+    assert r.targets == ["mixed4a:3", "logits:2", "mixed3b:7@5,6"]
+    again = render(fashion, TARGETS, **kw)
+    assert torch.equal(r.images, again.images) and torch.equal(r.objective_values, again.objective_values)
+    other = render(fashion, TARGETS, steps=12, progress=False, seed=8)
+    assert not torch.allclose(other.images, r.images)
+    # float32: oneDNN rounds differently per batch size; images still agree closely
+    for i, t in enumerate(TARGETS):
+        alone = render(fashion, t, **kw)
+        assert (alone.images[0] - r.images[i]).abs().mean() < 1e-2
+
+
+def test_batched_equals_alone_float64(fashion: nn.Module) -> None:
+    """Batched rendering of N targets = rendering each alone with the same seeds (float64,
+    where CPU convolutions are batch-invariant), also across chunkings."""
+    model = FashionInception().eval()
+    model.load_state_dict(fashion.state_dict())
+    model.double()
+    kw = dict(steps=10, progress=False, seed=3)
+    r = render(model, TARGETS, **kw)
+    for i, t in enumerate(TARGETS):
+        alone = render(model, t, **kw)
+        torch.testing.assert_close(alone.images[0], r.images[i], atol=1e-6, rtol=0)
+        torch.testing.assert_close(alone.objective_values[0], r.objective_values[i], atol=1e-6, rtol=1e-6)
+    chunked = render(model, TARGETS, batch_size=2, **kw)
+    torch.testing.assert_close(chunked.images, r.images, atol=1e-6, rtol=0)
+
+
+def test_render_increases_objective_and_rgb_model() -> None:
+    torch.manual_seed(1)
+    model = TinyRGB().eval()
+    objs = ["conv2:1", "head:3", direction("conv2", torch.randn(6), "center")]
+    start = render(model, objs, steps=0, progress=False)
+    end = render(model, objs, steps=40, progress=False, lr=0.1)
+    assert end.images.shape == (3, 3, 32, 32)
+    assert (end.objective_values > start.objective_values).all()
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
+    pixel = render(model, "conv2:0", steps=5, param="pixel", progress=False)
+    assert 0 <= float(pixel.images.min()) and float(pixel.images.max()) <= 1
+
+
+def test_redirected_relu_revives_dead_units() -> None:
+    torch.manual_seed(2)
+    model = TinyRGB().eval()
+    with torch.no_grad():
+        model.conv.bias.fill_(-100.0)  # every unit of `act` is dead for any image
+    start = render(model, "conv2:0", steps=0, progress=False)
+    plain = render(model, "conv2:0", steps=5, redirected_relu=False, progress=False)
+    redirected = render(model, "conv2:0", steps=5, progress=False)
+    assert torch.equal(plain.images, start.images)  # no gradient at all
+    assert not torch.allclose(redirected.images, start.images)
+
+
+# --- cache ------------------------------------------------------------------------------
+
+def test_cache_hits_and_corrupt_files(fashion: nn.Module, tmp_path, monkeypatch) -> None:
+    calls: list[int] = []
+    real = render_mod._optimize
+
+    def counting(model, objectives, seeds, **kw):
+        calls.append(len(objectives))
+        return real(model, objectives, seeds, **kw)
+
+    monkeypatch.setattr(render_mod, "_optimize", counting)
+    cache = FeatureVisCache(tmp_path)
+    kw = dict(steps=6, progress=False, cache=cache)
+    first = render(fashion, ["mixed4a:1", "mixed4a:2"], **kw)
+    assert calls == [2] and len(cache) == 2 and first.from_cache == [False, False]
+    second = render(fashion, ["mixed4a:2", "mixed4a:1"], **kw)
+    assert calls == [2] and second.from_cache == [True, True]
+    assert torch.equal(second.images[0], first.images[1])
+    assert torch.equal(second.objective_values, first.objective_values.flip(0))
+    # a different request (steps) is a miss
+    render(fashion, ["mixed4a:1"], steps=7, progress=False, cache=cache)
+    assert calls == [2, 1]
+    # a half-written file is ignored and replaced
+    def request_of(p):
+        with np.load(p) as f:
+            return str(f["request"])
+
+    victim = next(p for p in tmp_path.glob("*/*/*.npz") if '"objective":"mixed4a:2"' in request_of(p))
+    assert '"steps":6' in request_of(victim)
+    victim.write_bytes(victim.read_bytes()[:100])
+    names = variable_names(fashion, ["mixed4a:1", "mixed4a:2", "mixed4a:3"], cache=tmp_path, steps=6, progress=False)
+    assert calls[2:] == [2]  # the corrupt one and mixed4a:3 only, in one batch
+    assert list(names) == ["mixed4a:1", "mixed4a:2", "mixed4a:3"]
+    assert names["mixed4a:1"].shape == (28, 28)
+    np.testing.assert_allclose(names["mixed4a:1"], first.images[0, 0].numpy(), atol=1e-6)
+    assert '"steps":6' in request_of(victim)  # replaced by a readable file
+    np.testing.assert_allclose(names["mixed4a:2"], first.images[1, 0].numpy(), atol=1e-6)
+    render(fashion, ["mixed4a:1", "mixed4a:2", "mixed4a:3"], **kw)
+    assert calls[2:] == [2]
+
+
+# --- dataset examples -------------------------------------------------------------------
+
+def test_dataset_examples_running_topk(fashion: nn.Module) -> None:
+    torch.manual_seed(3)
+    data = torch.rand(70, 1, 28, 28)
+    targets = ["mixed4a:0", "logits:4", neuron("mixed3b", 2)]
+    vals = objective_values(fashion, targets, data, batch_size=32)
+    assert vals.shape == (3, 70)
+    ex = dataset_examples(fashion, targets, data, k=5, batch_size=16, progress=False)
+    assert list(ex) == ["mixed4a:0", "logits:4", "neuron(mixed3b:2)"]
+    for j, e in enumerate(ex.values()):
+        top = torch.topk(vals[j], 5)
+        torch.testing.assert_close(e.values, top.values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vals[j, e.indices], e.values, atol=1e-5, rtol=1e-5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data, torch.zeros(70)), batch_size=20)
+    ex2 = dataset_examples(fashion, "logits:4", loader, k=3, progress=False)
+    assert torch.equal(ex2["logits:4"].indices, ex["logits:4"].indices[:3])
+    with pytest.raises(ValueError, match="valid: 0..9"):
+        dataset_examples(fashion, "logits:11", data, progress=False)
