@@ -405,11 +405,11 @@ def _probe(
     hw: tuple[int, int],
     channels_in: int,
     position: tuple[int, int] | None = None,
-    value_seed: int | None = None,
+    value_seed: int | None = 0,
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, ...]]:
     """Gradient ``[C1, h1, w1]`` of a fixed random mix of all to_layer channels at ``position``
-    (default: the centre) w.r.t. the from_layer activation, batch 1; also the position used and
-    the to_layer shape."""
+    (default: the centre) w.r.t. the from_layer activation (random with ``value_seed``, zeros
+    with ``None``), batch 1; also the position used and the to_layer shape."""
     dtype, device = _model_dtype_device(model)
     x = torch.zeros((1, channels_in, *hw), dtype=dtype, device=device)
 
@@ -421,16 +421,17 @@ def _probe(
             free = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
         return free.detach().requires_grad_(True)
 
-    run = _run_linear(model, x, from_layer, to_layer, make_free)
-    pos = _centre(run.out) if position is None else position
-    h2, w2 = run.out.shape[-2:]
-    if not (0 <= pos[0] < h2 and 0 <= pos[1] < w2):
-        raise ValueError(f"position {pos} is outside {to_layer!r}'s {h2}x{w2} map")
-    mix = torch.randn(run.out.shape[1], generator=torch.Generator().manual_seed(1234), dtype=run.out.dtype)
-    loss = (run.out[0, :, pos[0], pos[1]] * mix.to(run.out.device)).sum()
-    if not loss.requires_grad:
-        raise _not_downstream(from_layer, to_layer)
-    (grad,) = torch.autograd.grad(loss, run.free, allow_unused=True)
+    with torch.enable_grad():
+        run = _run_linear(model, x, from_layer, to_layer, make_free)
+        pos = _centre(run.out) if position is None else position
+        h2, w2 = run.out.shape[-2:]
+        if not (0 <= pos[0] < h2 and 0 <= pos[1] < w2):
+            raise ValueError(f"position {pos} is outside {to_layer!r}'s {h2}x{w2} map")
+        mix = torch.randn(run.out.shape[1], generator=torch.Generator().manual_seed(1234), dtype=run.out.dtype)
+        loss = (run.out[0, :, pos[0], pos[1]] * mix.to(run.out.device)).sum()
+        if not loss.requires_grad:
+            raise _not_downstream(from_layer, to_layer)
+        (grad,) = torch.autograd.grad(loss, run.free, allow_unused=True)
     if grad is None:
         raise _not_downstream(from_layer, to_layer)
     return grad[0].detach(), pos, tuple(run.out.shape[1:])
@@ -537,8 +538,8 @@ def _plan(
             geometry = _Geometry(hw, pos, window, (bh, bw), (oy, ox), to_shape, c)
             break
     # linearity: the gradient must not depend on the free tensor's value
-    g0, _, _ = _probe(model, from_layer, to_layer, geometry.hw, c)
-    g1, _, _ = _probe(model, from_layer, to_layer, geometry.hw, c, value_seed=0)
+    g0, _, _ = _probe(model, from_layer, to_layer, geometry.hw, c, value_seed=None)
+    g1, _, _ = _probe(model, from_layer, to_layer, geometry.hw, c, value_seed=1)
     if float((g0 - g1).abs().max()) > _TOLERANCE * float(g0.abs().max()) + 1e-12:
         raise UnsupportedNonlinearityError(
             f"the path from {from_layer!r} to {to_layer!r} is not linear after linearisation (its "
@@ -630,13 +631,14 @@ def expanded_weights(
         def make_free(out: torch.Tensor, n: int = n) -> torch.Tensor:
             return out.new_zeros((n, *out.shape[1:])).requires_grad_(True)
 
-        try:
-            run = _run_linear(model, x, from_layer, to_layer, make_free, broadcast_batch=n)
-        except RuntimeError:  # something other than a concatenation mixed batch 1 and batch n
-            run = _run_linear(model, x.expand(n, *x.shape[1:]), from_layer, to_layer, make_free)
-        index = torch.tensor(chunk, device=run.out.device)
-        selected = run.out[torch.arange(n, device=run.out.device), index, y, xpos]
-        (grad,) = torch.autograd.grad(selected.sum(), run.free, allow_unused=True)
+        with torch.enable_grad():
+            try:
+                run = _run_linear(model, x, from_layer, to_layer, make_free, broadcast_batch=n)
+            except RuntimeError:  # something other than a concatenation mixed batch 1 and batch n
+                run = _run_linear(model, x.expand(n, *x.shape[1:]), from_layer, to_layer, make_free)
+            index = torch.tensor(chunk, device=run.out.device)
+            selected = run.out[torch.arange(n, device=run.out.device), index, y, xpos]
+            (grad,) = torch.autograd.grad(selected.sum(), run.free, allow_unused=True)
         if grad is None:
             grad = torch.zeros_like(run.free)
         results.append(_crop(grad.detach(), wy0, wx0, kh, kw))
