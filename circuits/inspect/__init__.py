@@ -21,7 +21,29 @@ from .stats import (
     weight_stats,
 )
 
-__all__ = [
+_LAZY = {
+    # matplotlib / tensorboard are imported only when these are used
+    "Plot": "plots", "plot_histograms": "plots", "plot_heatmap": "plots", "block_pool": "plots",
+    "plot_conv_filters": "plots", "normalize_filters": "plots", "plot_weight_norms": "plots",
+    "plot_neuron_embedding": "plots", "plot_activations": "plots", "first_conv_weight": "plots",
+    "ArchGraph": "graph", "GraphNode": "graph", "trace_graph": "graph", "graph_to_dot": "graph",
+    "plot_graph": "graph",
+    "TensorBoardWeightLogger": "tracking", "diff_checkpoints": "tracking", "CheckpointDiff": "tracking",
+    "TensorDiff": "tracking",
+    "inspect_report": "report", "add_inspect_subcommand": "report", "run_inspect_command": "report",
+    "InspectError": "report",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_LAZY) + [
     "CheckpointReader",
     "checkpoint_stats",
     "iter_checkpoint",

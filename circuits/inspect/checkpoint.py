@@ -190,7 +190,8 @@ class CheckpointReader:
             raise WeightsError(f"{path} is not a readable PyTorch checkpoint: {str(exc).splitlines()[0]}") from None
         except (RuntimeError, EOFError, OSError, ValueError, struct.error, AttributeError, KeyError, IndexError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WeightsError(f"{path} is not a readable checkpoint (.pth/.pt/.safetensors; corrupted or truncated?): {first}") from None
+            raise WeightsError(f"{path} is not a readable checkpoint (expected a torch.save .pth/.pt file or a "
+                              f".safetensors file; corrupted or truncated?): {first}") from None
         state = _unwrap(obj, path)
         bad = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
