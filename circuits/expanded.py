@@ -525,7 +525,11 @@ def _plan(
     pattern = _crop(ref, by0 + oy, bx0 + ox, kh, kw)
     tol = _TOLERANCE * float(pattern.abs().max())
     geometry = _Geometry((h, w), ref_pos, (by0 + oy, bx0 + ox, kh, kw), (bh, bw), (oy, ox), ref_to, c)
-    for hw in _candidate_sizes(h, w):
+    # start the search where the from_layer map is about as large as the footprint
+    need, ratio = max(bh, kh), ref.shape[-2] / h
+    candidates = [hw for hw in _candidate_sizes(h, w) if hw[0] * ratio >= need - 2]
+    accepted = ref
+    for hw in candidates:
         try:
             g, pos, to_shape = _probe(model, from_layer, to_layer, hw, c)
         except (RuntimeError, ValueError):  # too small for some layer on the way
@@ -535,11 +539,11 @@ def _plan(
             continue
         window = (b[0] + oy, b[2] + ox, kh, kw)
         if float((_crop(g, *window) - pattern).abs().max()) <= tol:
-            geometry = _Geometry(hw, pos, window, (bh, bw), (oy, ox), to_shape, c)
+            geometry, accepted = _Geometry(hw, pos, window, (bh, bw), (oy, ox), to_shape, c), g
             break
-    # linearity: the gradient must not depend on the free tensor's value
+    # linearity: the gradient must not depend on the free tensor's value (random above, zeros here)
     g0, _, _ = _probe(model, from_layer, to_layer, geometry.hw, c, value_seed=None)
-    g1, _, _ = _probe(model, from_layer, to_layer, geometry.hw, c, value_seed=1)
+    g1 = accepted
     if float((g0 - g1).abs().max()) > _TOLERANCE * float(g0.abs().max()) + 1e-12:
         raise UnsupportedNonlinearityError(
             f"the path from {from_layer!r} to {to_layer!r} is not linear after linearisation (its "

@@ -37,7 +37,7 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def inception():
+def inception_model():
     torch.manual_seed(0)
     return InceptionV1().eval()
 
@@ -164,23 +164,23 @@ def test_unsupported_nonlinearities_name_the_op_and_module():
         assert torch.equal(nn.Dropout(0.5).eval()(x), x)
 
 
-def test_model_unchanged_after_linearisation_and_exceptions(inception):
-    before, hooks, training = _state_bytes(inception), _n_hooks(inception), inception.training
+def test_model_unchanged_after_linearisation_and_exceptions(inception_model):
+    before, hooks, training = _state_bytes(inception_model), _n_hooks(inception_model), inception_model.training
     x = torch.rand(1, 3, 64, 64) * 255 - 117
     with torch.no_grad():
-        y0 = inception(x)
-        with linearized(inception):
-            inception(x)
+        y0 = inception_model(x)
+        with linearized(inception_model):
+            inception_model(x)
         with pytest.raises(RuntimeError, match="boom"):
-            with linearized(inception):
-                inception(x)
+            with linearized(inception_model):
+                inception_model(x)
                 raise RuntimeError("boom")
-        expanded_weights(inception, "mixed3a", "mixed3b", channels=[0, 1], input_shape=(3, 64, 64))
+        expanded_weights(inception_model, "mixed3a", "mixed3b", channels=[0, 1], input_shape=(3, 64, 64))
         with pytest.raises(UnknownLayerError):
-            expanded_weights(inception, "mixed3a", "mixed3z")
-        y1 = inception(x)
-    assert _state_bytes(inception) == before
-    assert _n_hooks(inception) == hooks and inception.training == training
+            expanded_weights(inception_model, "mixed3a", "mixed3z")
+        y1 = inception_model(x)
+    assert _state_bytes(inception_model) == before
+    assert _n_hooks(inception_model) == hooks and inception_model.training == training
     assert torch.equal(y0, y1)
     assert F.relu(-torch.ones(1)).item() == 0  # no mode left behind
 
@@ -267,42 +267,42 @@ def _loop_expanded(model: nn.Module, from_layer: str, to_layer: str, size: int) 
     return g[:, :, ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
 
 
-def test_inception_batched_equals_per_channel_loop(inception):
-    E = expanded_weights(inception, "mixed3a", "mixed3b", input_shape=(3, 96, 96), batch_size=256)
-    loop = _loop_expanded(inception, "mixed3a", "mixed3b", 96)
+def test_inception_batched_equals_per_channel_loop(inception_model):
+    E = expanded_weights(inception_model, "mixed3a", "mixed3b", input_shape=(3, 96, 96), batch_size=256)
+    loop = _loop_expanded(inception_model, "mixed3a", "mixed3b", 96)
     assert E.shape == loop.shape == (480, 256, 5, 5)
     assert float((E - loop).abs().max()) <= 1e-5 * float(loop.abs().max())
     # channel subsets and chunking give the same rows
-    sub = expanded_weights(inception, "mixed3a", "mixed3b", channels=[479, 0, 200], input_shape=(3, 96, 96), batch_size=2)
+    sub = expanded_weights(inception_model, "mixed3a", "mixed3b", channels=[479, 0, 200], input_shape=(3, 96, 96), batch_size=2)
     assert torch.allclose(sub, E[[479, 0, 200]], atol=1e-6)
 
 
-def test_inception_branch_endpoints_and_footprints(inception):
-    E = expanded_weights(inception, "mixed3a", "mixed3b_5x5", channels=[0, 5])
+def test_inception_branch_endpoints_and_footprints(inception_model):
+    E = expanded_weights(inception_model, "mixed3a", "mixed3b_5x5", channels=[0, 5])
     assert E.shape == (2, 256, 5, 5)
-    E = expanded_weights(inception, "mixed3a", "mixed3b_pool_reduce", channels=[1])
+    E = expanded_weights(inception_model, "mixed3a", "mixed3b_pool_reduce", channels=[1])
     assert E.shape == (1, 256, 3, 3)  # the 3x3 pool in front of a 1x1 conv
-    E = expanded_weights(inception, "conv2d2", "mixed3a", channels=[0], crop=7)
+    E = expanded_weights(inception_model, "conv2d2", "mixed3a", channels=[0], crop=7)
     assert E.shape == (1, 192, 7, 7)
-    c = connection_weights(inception, "mixed3b_3x3_bottleneck", "mixed3b_3x3", channels=[3, 7])
+    c = connection_weights(inception_model, "mixed3b_3x3_bottleneck", "mixed3b_3x3", channels=[3, 7])
     assert c.kind == "direct" and c.channels == (3, 7)
-    assert torch.equal(c.weights, inception.mixed3b_3x3_pre_relu_conv.weight.detach()[[3, 7]])
-    c = connection_weights(inception, "mixed3b_3x3_bottleneck", "mixed3b_3x3_pre_relu_conv", channels=0)
+    assert torch.equal(c.weights, inception_model.mixed3b_3x3_pre_relu_conv.weight.detach()[[3, 7]])
+    c = connection_weights(inception_model, "mixed3b_3x3_bottleneck", "mixed3b_3x3_pre_relu_conv", channels=0)
     assert c.kind == "direct" and c.weights.shape == (1, 128, 3, 3)
 
 
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_bad_layers_raise_clear_errors(inception, fashion_random):
+def test_bad_layers_raise_clear_errors(inception_model, fashion_random):
     with pytest.raises(ValueError, match="not downstream.*parallel branch"):
-        expanded_weights(inception, "mixed3b_3x3", "mixed3b_5x5")
+        expanded_weights(inception_model, "mixed3b_3x3", "mixed3b_5x5")
     with pytest.raises(ValueError, match="not downstream.*computes 'mixed3a' before 'mixed3b'"):
-        expanded_weights(inception, "mixed3b", "mixed3a")
+        expanded_weights(inception_model, "mixed3b", "mixed3a")
     with pytest.raises(UnknownLayerError, match="mixed3b"):
-        expanded_weights(inception, "mixed3bb", "mixed4a")
+        expanded_weights(inception_model, "mixed3bb", "mixed4a")
     with pytest.raises(ValueError, match="same layer"):
-        expanded_weights(inception, "mixed3b", "mixed3b")
+        expanded_weights(inception_model, "mixed3b", "mixed3b")
     with pytest.raises(ValueError, match=r"'logits'.*\(1, 10\).*2-D"):
         expanded_weights(fashion_random, "mixed4a", "logits")
     with pytest.raises(ValueError, match="channel 160 is out of range"):
