@@ -366,38 +366,39 @@ def tensor_stats(name: str, tensor: torch.Tensor, config: Optional[StatsConfig] 
         # one pass over row blocks: counts, shifted power sums, extremes, near-zero, dead units
         for blk in blocks:
             c = blk.to(wd)
-            n_rows = blk.shape[0] if t.dim() >= 2 else 0
+            if t.dim() >= 2:
+                rmin, rmax = torch.aminmax(c, dim=1)  # per row; non-finite values propagate
+                ext = torch.stack([rmin.min(), rmax.max()])
+            else:
+                rmin = rmax = None
+                ext = torch.stack(torch.aminmax(c))
             fin = None
-            if not bool(torch.isfinite(c.sum())):
+            if not bool(torch.isfinite(ext).all()):
                 fin = torch.isfinite(c)
                 n_bad = int(c.numel() - int(fin.sum()))
-                if n_bad == 0:
-                    fin = None
-                else:
-                    any_nonfinite = True
-                    nan = int(torch.isnan(c).sum())
-                    n_nan += nan
-                    n_inf += n_bad - nan
-            near = None
+                any_nonfinite = True
+                nan = int(torch.isnan(c).sum())
+                n_nan += nan
+                n_inf += n_bad - nan
             if t.dim() >= 2:
-                a = c.abs()
                 if fin is None:
-                    near = a <= thr
-                    ok = a.amax(dim=1) <= thr
+                    ok = (rmax <= thr) & (rmin >= -thr)
                 else:  # a dead row: every value finite and ~0
-                    rowmax = torch.where(fin, a, torch.zeros((), dtype=wd)).amax(dim=1)
+                    rowmax = torch.where(fin, c.abs(), torch.zeros((), dtype=wd)).amax(dim=1)
                     ok = (rowmax <= thr) & fin.all(dim=1)
                 dead += (torch.nonzero(ok).flatten() + row0).tolist()
-                row0 += n_rows
-                del a
+                row0 += blk.shape[0]
             x = c.reshape(-1) if fin is None else c[fin]
             if x.numel() == 0:
                 continue
+            if fin is None:
+                mn, mx = float(ext[0]), float(ext[1])
+            else:
+                mn, mx = (float(v) for v in torch.aminmax(x))
+            lo, hi = min(lo, mn), max(hi, mx)
+            n_zero += int(torch.count_nonzero(x.abs() <= thr))
             if shift is None:
                 shift = float(x.mean())
-            mn, mx = torch.aminmax(x)
-            lo, hi = min(lo, float(mn)), max(hi, float(mx))
-            n_zero += int(torch.count_nonzero(near if near is not None else x.abs() <= thr))
             d = x - shift
             s1 += float(d.sum())
             s2 += float(torch.dot(d, d))
@@ -510,6 +511,7 @@ def stats_from_items(items: Iterable[tuple[str, torch.Tensor]], config: Optional
             skipped.append((name, f"{str(t.dtype).replace('torch.', '')} tensor, not floating point"))
             continue
         rows.append(tensor_stats(name, t, cfg))
+        del t  # a streamed tensor must be gone before the next one is read
     return StatsTable(rows, skipped)
 
 
