@@ -17,6 +17,17 @@ from hypothesis import strategies as st
 from circuits.inspect import StatsTable, default_init_std, spectral_norm, tensor_stats, weight_stats
 from circuits.models import FashionInception
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """This shared 2-core machine is oversubscribed: one thread avoids OpenMP thrashing."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(before)
+
 
 def _reference(x: np.ndarray) -> dict:
     x = x[np.isfinite(x)].astype(np.float64)
@@ -43,7 +54,7 @@ def test_moments_match_numpy_scipy(dist, chunk):
     ref = _reference(t.numpy())
     tol = 1e-9 if t.dtype == torch.float64 else 2e-5
     for k, v in ref.items():
-        assert getattr(r, k) == pytest.approx(v, rel=tol, abs=1e-7), k
+        assert getattr(r, k) == pytest.approx(v, rel=tol, abs=1e-12 if t.dtype == torch.float64 else 2e-5), k
     assert r.numel == t.numel() and r.shape == tuple(t.shape)
 
 

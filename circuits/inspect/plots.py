@@ -277,9 +277,13 @@ def plot_neuron_embedding(weight: torch.Tensor, name: str = "layer", method: str
         emb = umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, n - 1)).fit_transform(x)
     elif method == "tsne":
         from sklearn.manifold import TSNE
+        from threadpoolctl import threadpool_limits
 
-        emb = TSNE(n_components=2, perplexity=min(perplexity, (n - 1) / 3), random_state=seed,
-                   init="pca").fit_transform(x)
+        # a layer has at most a few thousand units: one thread is fastest, and avoids OpenMP
+        # thrashing (100x slowdowns) on a busy machine
+        with threadpool_limits(limits=1 if n <= 5000 else None):
+            emb = TSNE(n_components=2, perplexity=min(perplexity, (n - 1) / 3), random_state=seed,
+                       init="pca").fit_transform(x)
     else:
         raise ValueError(f"method must be 'auto', 'tsne' or 'umap'; got {method!r}")
     c = np.linalg.norm(x, axis=1) if color is None else np.asarray(color)
