@@ -306,6 +306,7 @@ def nmf(
     init: str = "nndsvda",
     seed: int = 0,
     H: Optional[ArrayLike] = None,
+    batch_size: Optional[int] = None,
     progress: bool = False,
 ) -> NMFResult:
     """Factor one matrix ``[m, n]`` or many independent ones ``[B, m, n]``: ``X ≈ W @ H``.
@@ -316,7 +317,8 @@ def nmf(
     matrix*: matrix ``b`` stops after the first iteration where the L1 norm of its projected
     gradient is ``<= tol`` × that of iteration 1, and its factors are frozen there, so solving
     a batch gives what solving each matrix alone gives. Converged matrices are dropped from the
-    working set, so the cost falls as they finish.
+    working set, so the cost falls as they finish; per-matrix results do not depend on how the
+    batch is chunked (``batch_size``).
 
     Args:
         X: non-negative, finite data ``[m, n]`` or ``[B, m, n]`` (numpy or torch).
@@ -329,7 +331,10 @@ def nmf(
         seed: seeds the random initialisation (the NNDSVD inits are deterministic).
         H: fixed components ``[k, n]`` or ``[B, k, n]``: solve only for ``W`` (``transform``).
             ``W`` starts at ``sqrt(mean(X)/k)`` as in scikit-learn.
-        progress: show a tqdm bar over iterations.
+        batch_size: solve at most this many matrices at a time (results do not depend on
+            it). Default: everything at once on a GPU; chunks of about 8 MB of ``X`` on the CPU,
+            which stay in cache across iterations.
+        progress: show a tqdm bar (one step per chunk of matrices).
 
     Returns:
         :class:`NMFResult` with ``W [B, m, k]``, ``H [B, k, n]`` (no ``B`` for a 2-d ``X``).
@@ -344,54 +349,86 @@ def nmf(
     Xt, k, batched = _prepare(X, n_components, max_iter, tol, init)
     B, m, n = Xt.shape
     dev, dtype = Xt.device, Xt.dtype
-    update_H = H is None
-    if update_H:
-        if init == "random":
-            gen = torch.Generator(device=dev).manual_seed(int(seed))
-            avg = (Xt.mean(dim=(1, 2)) / k).sqrt()[:, None, None]
-            Hw = avg * torch.randn(B, k, n, generator=gen, device=dev, dtype=dtype).abs()
-            Wt = avg * torch.randn(B, k, m, generator=gen, device=dev, dtype=dtype).abs()
-        else:
-            W0, Hw = _nndsvd(Xt, k, fill=init == "nndsvda")
-            Wt = W0.mT.contiguous()
-    else:
-        Hf = _as_tensor(H, "H", device=dev).to(dtype)
-        if Hf.ndim == 2:
-            Hf = Hf[None].expand(B, -1, -1)
-        if Hf.shape != (B, k, n):
-            raise ValueError(f"H must have shape [{k}, {n}] or [{B}, {k}, {n}]; got {tuple(Hf.shape)}")
-        _check_finite(Hf, "H")
-        if float(Hf.min()) < 0:
+    if batch_size is None:
+        # CPU: chunks of about 8 MB of X stay in cache across iterations; GPU: everything at once.
+        batch_size = B if dev.type != "cpu" else max(1, (8 << 20) // (m * n * Xt.element_size()))
+    elif isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int or None; got {batch_size!r}")
+    Hfix: Optional[torch.Tensor] = None
+    Wt_all: Optional[torch.Tensor] = None
+    H_all: Optional[torch.Tensor] = None
+    if H is not None:
+        Hfix = _as_tensor(H, "H", device=dev).to(dtype)
+        if Hfix.ndim == 2:
+            Hfix = Hfix[None].expand(B, -1, -1)
+        if Hfix.shape != (B, k, n):
+            raise ValueError(f"H must have shape [{k}, {n}] or [{B}, {k}, {n}]; got {tuple(Hfix.shape)}")
+        _check_finite(Hfix, "H")
+        if float(Hfix.min()) < 0:
             raise ValueError("H must be non-negative")
-        Hw = Hf.contiguous().clone()
+    elif init == "random":  # drawn for the whole batch, so chunking does not change it
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
         avg = (Xt.mean(dim=(1, 2)) / k).sqrt()[:, None, None]
-        Wt = avg.expand(B, k, m).contiguous().clone()
+        H_all = avg * torch.randn(B, k, n, generator=gen, device=dev, dtype=dtype).abs()
+        Wt_all = avg * torch.randn(B, k, m, generator=gen, device=dev, dtype=dtype).abs()
 
-    out_Wt = Wt.clone()
-    out_H = Hw.clone()
-    n_iter = torch.full((B,), max_iter, dtype=torch.long, device=dev)
-    converged = torch.zeros(B, dtype=torch.bool, device=dev)
-    ids = torch.arange(B, device=dev)  # batch index of each working-set row
-    live = torch.ones(B, dtype=torch.bool, device=dev)  # working-set rows not yet stopped
-    Xw = Xt
-    vinit: Optional[torch.Tensor] = None
+    chunks = range(0, B, batch_size)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_iter, desc=f"NMF x{B}", leave=False)
+        bar = tqdm(total=len(chunks), desc=f"NMF x{B} (chunks)", leave=False)
+    parts = []
+    for i in chunks:
+        sl = slice(i, i + batch_size)
+        Xc = Xt[sl]
+        if Hfix is not None:
+            Hc = Hfix[sl].contiguous().clone()
+            avg = (Xc.mean(dim=(1, 2)) / k).sqrt()[:, None, None]
+            Wc = avg.expand(Xc.shape[0], k, m).contiguous().clone()
+        elif H_all is not None and Wt_all is not None:
+            Hc, Wc = H_all[sl].clone(), Wt_all[sl].clone()
+        else:
+            W0, Hc = _nndsvd(Xc, k, fill=init == "nndsvda")
+            Wc = W0.mT.contiguous()
+        parts.append(_solve(Xc, Wc, Hc, Hfix is None, max_iter, float(tol), bar))
+    if bar is not None:
+        bar.close()
+    Wt, Hs, n_iter, converged = (torch.cat(t) for t in zip(*parts))
+
+    W = Wt.mT.contiguous()
+    err = _recon_err(Xt, W, Hs)
+    rel, expl = _fraction(err, Xt.flatten(1).norm(dim=1))
+    if not batched:
+        return NMFResult(W[0], Hs[0], n_iter[0], converged[0], err[0], rel[0], expl[0])
+    return NMFResult(W, Hs, n_iter, converged, err, rel, expl)
+
+
+def _solve(
+    X: torch.Tensor, Wt: torch.Tensor, H: torch.Tensor, update_H: bool, max_iter: int, tol: float, bar: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HALS iterations on one chunk ``X [B, m, n]`` from ``Wt [B, k, m]``, ``H [B, k, n]``.
+
+    Each matrix stops (its factors saved, frozen) at its own convergence; returns
+    ``(Wt, H, n_iter [B], converged [B])``.
+    """
+    B, dev = X.shape[0], X.device
+    out_Wt, out_H = Wt.clone(), H.clone()
+    n_iter = torch.full((B,), max_iter, dtype=torch.long, device=dev)
+    converged = torch.zeros(B, dtype=torch.bool, device=dev)
+    ids = torch.arange(B, device=dev)  # batch index of each working-set row
+    live = torch.ones(B, dtype=torch.bool, device=dev)  # working-set rows not yet stopped
+    vinit: Optional[torch.Tensor] = None
     for it in range(1, max_iter + 1):
-        viol = _sweep(Xw, Wt, Hw, update_H)
+        viol = _sweep(X, Wt, H, update_H)
         if vinit is None:
             vinit = viol
         done = (vinit == 0) | (viol <= tol * vinit)
         stop = live if it == max_iter else done & live
-        if bar is not None:
-            bar.update(1)
         if bool(stop.any()):
             idx = ids[stop]
             out_Wt[idx] = Wt[stop]
-            out_H[idx] = Hw[stop]
+            out_H[idx] = H[stop]
             n_iter[idx] = it
             converged[idx] = done[stop]
             live = live & ~stop
@@ -401,17 +438,11 @@ def nmf(
             # Stopped rows stay in the working set (their saved factors are final) until
             # dropping them pays for copying X: compact once a quarter of the rows are done.
             if n_live <= 0.75 * live.numel():
-                ids, Xw, Wt, Hw, vinit = ids[live], Xw[live], Wt[live], Hw[live], vinit[live]
+                ids, X, Wt, H, vinit = ids[live], X[live], Wt[live], H[live], vinit[live]
                 live = torch.ones(n_live, dtype=torch.bool, device=dev)
     if bar is not None:
-        bar.close()
-
-    W = out_Wt.mT.contiguous()
-    err = _recon_err(Xt, W, out_H)
-    rel, expl = _fraction(err, Xt.flatten(1).norm(dim=1))
-    if not batched:
-        return NMFResult(W[0], out_H[0], n_iter[0], converged[0], err[0], rel[0], expl[0])
-    return NMFResult(W, out_H, n_iter, converged, err, rel, expl)
+        bar.update(1)  # type: ignore[attr-defined]
+    return out_Wt, out_H, n_iter, converged
 
 
 def _recon_err(X: torch.Tensor, W: torch.Tensor, H: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -526,9 +557,11 @@ class NMFReducer:
             return torch.movedim(Y[0].reshape(*mid, last), -1, ax)
         return torch.movedim(Y.reshape(Y.shape[0], *mid, last), (0, -1), (bax, ax))
 
-    def _out(self, v: torch.Tensor, ref: ArrayLike, scalar: bool = True) -> object:
-        if self.batch_axis is None and scalar:
+    def _out(self, v: torch.Tensor, ref: ArrayLike) -> object:
+        if self.batch_axis is None:
             return v[0].item()
+        if isinstance(ref, np.ndarray) and not v.is_floating_point():
+            return v.cpu().numpy()
         return _like(v, ref)
 
     # -- API ------------------------------------------------------------------------------
@@ -672,9 +705,10 @@ def neuron_factors(
 
     Example::
 
-        >>> conv = circuits.get_layer(model, "mixed3b_3x3_pre_relu_conv")
+        >>> conv = nn.Conv2d(48, 64, 3)      # or circuits.get_layer(model, "mixed3b_3x3_pre_relu_conv")
         >>> f = neuron_factors(conv, 3, neurons=[5, 9])
-        >>> f.spatial.shape                  # [2, 3, 3, 3]
+        >>> f.spatial.shape, f.loadings.shape, f.explained.shape
+        (torch.Size([2, 3, 3, 3]), torch.Size([2, 3, 48]), torch.Size([2]))
     """
     w = _weight_tensor(weights)
     if w.ndim == 3:
@@ -754,8 +788,10 @@ def family_factors(
 
     Example::
 
-        >>> fam = family_factors(conv.weight, 2, neurons=[1, 4, 7])
-        >>> fam.directions.shape, fam.loadings.shape      # [2, in], [3, 2, kh, kw]
+        >>> w = torch.randn(16, 32, 3, 3)                   # [out, in, kh, kw]
+        >>> fam = family_factors(w, 2, neurons=[1, 4, 7])
+        >>> fam.directions.shape, fam.loadings.shape, fam.dominant.shape
+        (torch.Size([2, 32]), torch.Size([3, 2, 3, 3]), torch.Size([3]))
     """
     w = _weight_tensor(weights)
     if w.ndim not in (2, 4):
@@ -877,6 +913,8 @@ def weight_banding(
 
     Example::
 
-        >>> weight_banding(get_layer(model, "mixed5b_5x5_pre_relu_conv")).mean()
+        >>> w = torch.randn(4, 8, 5, 5) * torch.rand(1, 1, 5, 1)   # rows scaled: some banding
+        >>> weight_banding(w).shape      # e.g. get_layer(model, "mixed5b_5x5_pre_relu_conv")
+        torch.Size([4])
     """
     return banding_score(neuron_factors(weights, n_components, neurons, **kwargs))

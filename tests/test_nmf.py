@@ -376,3 +376,16 @@ def test_banding_score():
     w[0] = torch.randn(6, 1, 1) * torch.rand(1, 5, 1)  # neuron 0: horizontal bands
     s = weight_banding(w, 3)
     assert s.shape == (3,) and s[0] > 0.99 and (s[1:].abs() < 0.9).all()
+
+
+def test_chunking_does_not_change_results():
+    X = torch.rand(7, 6, 9, dtype=torch.float64)
+    for init in ("nndsvda", "random"):
+        whole = nmf(X, 2, max_iter=60, init=init, batch_size=7)
+        for bs in (1, 3):
+            part = nmf(X, 2, max_iter=60, init=init, batch_size=bs, progress=bs == 3)
+            torch.testing.assert_close(part.W, whole.W)
+            torch.testing.assert_close(part.H, whole.H)
+            assert torch.equal(part.n_iter, whole.n_iter)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        nmf(X, 2, batch_size=0)

@@ -1,0 +1,115 @@
+"""One-sided NMF of many neurons' weights: ``circuits.nmf.nmf`` batched vs loops of peers.
+
+Problem: 512 neurons of random conv weights ``[512, 512, 5, 5]``; per neuron
+``X = posneg(W_o).reshape(1024, 25).T`` ``[25, 1024]``, ``k = 3``, the same iteration
+budget for everyone (``max_iter=200``, ``tol=1e-4``, ``init="nndsvda"``), float32 on the CPU.
+
+- circuits: all 512 matrices in one batched HALS problem (``nmf(X, 3)``).
+- peer 1: ``sklearn.decomposition.NMF`` (solver ``cd``, the same algorithm) looped per neuron.
+- peer 2: Lucent's ``ChannelReducer(3, "NMF")`` looped per neuron (sklearn underneath, plus
+  its reshaping), on channels-last ``[5, 5, 1024]``.
+
+Run: ``python -m benchmarks nmf`` (or ``python -m benchmarks.bench_nmf --neurons 128``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from circuits.nmf import nmf, posneg
+
+from .common import report, timeit
+
+
+def _sklearn_loop(X: np.ndarray, k: int, max_iter: int, tol: float) -> np.ndarray:
+    from sklearn.decomposition import NMF
+
+    errs = np.empty(len(X))
+    for i, x in enumerate(X):
+        est = NMF(k, init="nndsvda", max_iter=max_iter, tol=tol, random_state=0)
+        est.fit(x)
+        errs[i] = est.reconstruction_err_
+    return errs
+
+
+def _lucent_loop(X: np.ndarray, k: int, max_iter: int, tol: float, kh: int, kw: int) -> np.ndarray:
+    from lucent.misc.channel_reducer import ChannelReducer
+
+    errs = np.empty(len(X))
+    for i, x in enumerate(X):
+        red = ChannelReducer(k, "NMF", init="nndsvda", max_iter=max_iter, tol=tol, random_state=0)
+        red.fit_transform(x.reshape(kh, kw, -1))  # channels last, as Lucid/Lucent use it
+        errs[i] = red._reducer.reconstruction_err_
+    return errs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser()
+    p.add_argument("--neurons", type=int, default=512)
+    p.add_argument("--in-channels", type=int, default=512)
+    p.add_argument("--kernel", type=int, default=5)
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--max-iter", type=int, default=200)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--threads", type=int, nargs="+", default=[1],
+                   help="torch thread counts to time ours with (default 1: the peers' loops are single-threaded)")
+    p.add_argument("--no-lucent", action="store_true")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")  # sklearn ConvergenceWarning at the budget; lucent FutureWarning
+
+    g = torch.Generator().manual_seed(0)
+    kh = kw = args.kernel
+    w = torch.randn(args.neurons, args.in_channels, kh, kw, generator=g)
+    X = posneg(w, 1).reshape(args.neurons, 2 * args.in_channels, kh * kw).mT.contiguous()  # [N, 25, 1024]
+    Xn = X.numpy()
+    print(f"NMF of {args.neurons} neurons: X [{args.neurons}, {kh * kw}, {2 * args.in_channels}] float32, k={args.k}, "
+          f"max_iter={args.max_iter}, tol={args.tol}", flush=True)
+
+    default_threads = torch.get_num_threads()
+    threads = args.threads
+    ours = {}
+    for nt in threads:
+        torch.set_num_threads(nt)
+        res = {}
+
+        def run() -> None:
+            res["r"] = nmf(X, args.k, max_iter=args.max_iter, tol=args.tol)
+
+        ours[nt] = (timeit(run, repeat=3, warmup=1), res["r"])
+        print(f"circuits batched, {nt} thread(s): {ours[nt][0]:.3f} s", flush=True)
+    torch.set_num_threads(default_threads)
+    best_nt = min(ours, key=lambda t: ours[t][0])
+    ours_s, r = ours[best_nt]
+    our_err = r.reconstruction_err.numpy()
+
+    t0 = time.perf_counter()
+    sk_err = _sklearn_loop(Xn, args.k, args.max_iter, args.tol)
+    sk_s = time.perf_counter() - t0
+    ratio = our_err / sk_err
+    out = report(
+        f"NMF {args.neurons} neurons k={args.k}", "sklearn NMF loop", sk_s, ours_s,
+        extra=f"mean err sklearn {sk_err.mean():.4f} vs ours {our_err.mean():.4f}; "
+        f"per-neuron ours/sklearn max {ratio.max():.4f} mean {ratio.mean():.4f}; best of threads {threads}: {best_nt}",
+    )
+    out.update(sklearn_err=float(sk_err.mean()), ours_err=float(our_err.mean()), ratio_max=float(ratio.max()),
+               ours_by_threads={t: v[0] for t, v in ours.items()}, n_iter_mean=float(r.n_iter.float().mean()))
+    if not args.no_lucent:
+        t0 = time.perf_counter()
+        lu_err = _lucent_loop(Xn, args.k, args.max_iter, args.tol, kh, kw)
+        lu_s = time.perf_counter() - t0
+        lr = our_err / lu_err
+        lu = report(
+            f"NMF {args.neurons} neurons k={args.k}", "lucent ChannelReducer loop", lu_s, ours_s,
+            extra=f"mean err lucent {lu_err.mean():.4f} vs ours {our_err.mean():.4f}; per-neuron ours/lucent max {lr.max():.4f}",
+        )
+        out.update(lucent_s=lu_s, lucent_speedup=lu["speedup"], lucent_err=float(lu_err.mean()))
+    return out
+
+
+if __name__ == "__main__":
+    main()
