@@ -1,0 +1,332 @@
+"""Helpers shared by the figure scripts (``experiments/fig*.py``) and the bottleneck study.
+
+Every script has ``run(config: dict) -> dict`` and is driven by a YAML file in ``configs/``
+(see :mod:`circuits.experiment`). Config keys common to all scripts:
+
+``model``      ``inceptionv1`` | ``fashion-inception`` | a torchvision name, or an ``nn.Module``
+               (tests pass one model to many runs).
+``weights``    checkpoint path/URL (``sha256`` required for a URL); ``random`` = random init
+               (seeded by ``seed``); ``null`` = the bundled checkpoint for fashion-inception,
+               random init for the others (a smoke run: numbers are not meaningful).
+``device``     ``cpu`` (default) or ``cuda``.
+``out``        output folder (default ``outputs/<experiment>``); ``formats`` (default
+               ``[png, svg]``), ``dpi`` (default 150).
+``render``     feature-visualization settings: ``steps``, ``size``, ``resize_to``, ``seed``,
+               ``batch_size``, ``cache`` (true: the default cache folder), ``progress``.
+``nmf``        ``max_iter``, ``tol``, ``seed``.
+
+Neuron choices: a target is ``"layer:index"``, or ``"layer:auto"`` (the output channel with
+the strongest weights from the script's upstream layer); a list of neurons is a list of
+indices or ``auto`` (see each script).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from circuits.expanded import connection_weights
+from circuits.featurevis import render
+from circuits.featurevis.objectives import Objective
+from circuits.layers import get_layer, parse_target, run_until
+from circuits.models import input_shape, load_model
+
+__all__ = [
+    "Run",
+    "start",
+    "model_from_config",
+    "feature_vis",
+    "layer_shapes",
+    "n_channels",
+    "weights_between",
+    "resolve_target",
+    "resolve_neurons",
+    "strongest_outputs",
+    "similar_family",
+    "grid_shape",
+]
+
+_DEFAULT_RENDER = {"steps": 512, "size": None, "resize_to": None, "seed": 0, "batch_size": None, "cache": True, "progress": True}
+
+
+@dataclass
+class Run:
+    """State of one experiment run: config, model, where outputs go, what was written."""
+
+    config: dict
+    model: nn.Module
+    model_info: dict
+    out: Path
+    formats: list[str]
+    dpi: int
+    files: list[str] = field(default_factory=list)
+
+    # ---------------------------------------------------------------- outputs
+    def save_figure(self, result: Any, stem: str) -> list[str]:
+        """Save a FigureResult / Figure in every configured format; returns the paths."""
+        from circuits.figures import save_figure
+
+        paths = []
+        for fmt in self.formats:
+            p = save_figure(result, self.out / f"{stem}.{fmt}", dpi=self.dpi)
+            paths.append(str(p))
+        self.files += paths
+        fig = getattr(result, "figure", result)
+        try:  # free memory held by the figure
+            fig.clf()
+        except Exception:  # pragma: no cover
+            pass
+        return paths
+
+    def save_numbers(self, stem: str, arrays: dict[str, Any], summary: dict[str, Any]) -> dict[str, str]:
+        """``<stem>.npz`` (arrays) and ``<stem>.json`` (summary + model info), atomically."""
+        from circuits._io import atomic_path, atomic_write_text
+
+        npz = self.out / f"{stem}.npz"
+        clean = {k: np.asarray(_numpy(v)) for k, v in arrays.items()}
+        with atomic_path(npz) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **clean)
+        js = self.out / f"{stem}.json"
+        doc = {"experiment": self.config.get("experiment"), "model": self.model_info, **summary}
+        atomic_write_text(js, json.dumps(_jsonable(doc), indent=2, sort_keys=False) + "\n")
+        self.files += [str(npz), str(js)]
+        return {"npz": str(npz), "json": str(js)}
+
+    def result(self, summary: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """What ``run`` returns: files written, summary numbers, model info."""
+        return {"experiment": self.config.get("experiment"), "out": str(self.out), "files": list(self.files),
+                "model": self.model_info, "summary": _jsonable(summary), **extra}
+
+    # ---------------------------------------------------------------- settings
+    def render_settings(self) -> dict[str, Any]:
+        r = dict(_DEFAULT_RENDER)
+        r.update(self.config.get("render") or {})
+        return r
+
+    def nmf_settings(self) -> dict[str, Any]:
+        n = {"max_iter": 200, "tol": 1e-4, "seed": 0}
+        n.update(self.config.get("nmf") or {})
+        return n
+
+
+def _numpy(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    return v
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        return _jsonable(v.tolist())
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def model_from_config(config: dict) -> tuple[nn.Module, dict]:
+    """The model a config asks for, in eval mode, and a description of it.
+
+    The description's ``meaningful`` is ``False`` for random initialisation: the plumbing
+    (layer names, shapes, the pipeline) is exercised, but the pictures and numbers say
+    nothing about a trained network.
+    """
+    spec = config.get("model", "fashion-inception")
+    weights = config.get("weights")
+    device = config.get("device", "cpu")
+    if isinstance(spec, nn.Module):
+        info = {"name": type(spec).__name__, "weights": config.get("model_weights_note", "given in memory"),
+                "meaningful": bool(config.get("model_is_trained", False))}
+        return spec.eval(), info
+    if not isinstance(spec, str):
+        raise TypeError(f"config 'model' must be a model name or an nn.Module; got {type(spec).__name__}")
+    name = spec.lower().replace("_", "-")
+    random_init = weights == "random" or (weights is None and name not in ("fashion-inception", "fashion"))
+    if random_init:
+        torch.manual_seed(int(config.get("seed", 0)))
+        model = load_model(spec, weights=None, device=device) if name not in ("fashion-inception", "fashion") else _random_fashion(device)
+        info = {"name": spec, "weights": "random init (seed %d)" % int(config.get("seed", 0)), "meaningful": False}
+    else:
+        weights = _resolve_path(weights, config) if weights else None
+        model = load_model(spec, weights=weights, sha256=config.get("sha256"), device=device)
+        info = {"name": spec, "weights": str(weights) if weights else "bundled checkpoint", "meaningful": True}
+    return model.eval(), info
+
+
+def _random_fashion(device: str) -> nn.Module:
+    from circuits.models import FashionInception
+
+    return FashionInception().to(device)
+
+
+def _resolve_path(p: str, config: dict) -> str:
+    """A relative weights path is tried as given (cwd), then relative to the config's folder."""
+    if "://" in str(p):
+        return p
+    path = Path(p).expanduser()
+    if path.exists() or path.is_absolute() or not config.get("_config_dir"):
+        return str(path)
+    alt = Path(config["_config_dir"]) / path
+    return str(alt) if alt.exists() else str(path)
+
+
+def start(config: dict) -> Run:
+    """Model, output folder and settings for a run (creates the folder)."""
+    model, info = model_from_config(config)
+    out = Path(config.get("out") or f"outputs/{config.get('experiment', 'experiment')}").expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    formats = config.get("formats") or ["png", "svg"]
+    if isinstance(formats, str):
+        formats = [formats]
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad:
+        raise ValueError(f"formats must be among png, svg, pdf; got {bad}")
+    return Run(config=config, model=model, model_info=info, out=out, formats=list(formats), dpi=int(config.get("dpi", 150)))
+
+
+# ---------------------------------------------------------------------------- layers & weights
+
+_SHAPES: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+
+
+def layer_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Output shape (no batch) of every named module at the model's input size (cached per model)."""
+    if model not in _SHAPES:
+        from circuits.layers import list_layers
+
+        _SHAPES[model] = {i.name: i.output_shape for i in list_layers(model, input_shape(model)) if i.output_shape}
+    return _SHAPES[model]
+
+
+def n_channels(model: nn.Module, layer: str) -> int:
+    """Number of channels of ``layer`` (raises UnknownLayerError for a bad name)."""
+    get_layer(model, layer)
+    shapes = layer_shapes(model)
+    if layer not in shapes:
+        raise ValueError(f"layer {layer!r} did not run in a forward pass at the model's input size")
+    return int(shapes[layer][0])
+
+
+def weights_between(model: nn.Module, from_layer: str, to_layer: str, channels: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, str]:
+    """``([out, in, kh, kw], kind)``: direct kernel for adjacent layers, else expanded weights."""
+    c = connection_weights(model, from_layer, to_layer, list(channels) if channels is not None else None)
+    return c.weights.detach().float().cpu(), c.kind
+
+
+def strongest_outputs(weights: torch.Tensor, n: int) -> list[int]:
+    """Output channels of ``weights [out, in, kh, kw]`` with the largest total L2, strongest first."""
+    norms = weights.flatten(1).norm(dim=1)
+    return norms.argsort(descending=True, stable=True)[: max(1, n)].tolist()
+
+
+def similar_family(weights: torch.Tensor, n: int, seed: Optional[int] = None) -> list[int]:
+    """A family of ``n`` output channels with similar weights: the seed (default: the strongest)
+    and the ``n - 1`` channels whose flattened weights have the highest cosine similarity to it."""
+    flat = weights.flatten(1)
+    if seed is None:
+        seed = int(flat.norm(dim=1).argmax())
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sim = unit @ unit[seed]
+    sim[seed] = float("inf")
+    return sim.argsort(descending=True, stable=True)[: max(1, n)].tolist()
+
+
+def resolve_target(spec: str, model: nn.Module, from_layer: str) -> tuple[str, int]:
+    """``"layer:idx"`` → (layer, idx); ``"layer:auto"`` → the channel with the strongest weights
+    from ``from_layer`` (L2 over the expanded/direct weights)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"a target is 'layer:index' or 'layer:auto'; got {spec!r}")
+    layer, _, idx = spec.partition(":")
+    if idx.strip() == "auto":
+        w, _ = weights_between(model, from_layer, layer)
+        return layer, strongest_outputs(w, 1)[0]
+    t = parse_target(spec)
+    if t.channel is None:
+        raise ValueError(f"target {spec!r} needs a channel index")
+    from circuits.layers import check_channel
+
+    check_channel(t.layer, t.channel, n_channels(model, t.layer))
+    return t.layer, int(t.channel)
+
+
+def resolve_neurons(spec: Union[str, Sequence[int], None], n_total: int, auto: Any, what: str = "neurons") -> list[int]:
+    """A list of channel indices from a config value: a list (checked against ``n_total``), or
+    ``auto``/``None`` → ``auto()`` (a callable returning the list)."""
+    if spec is None or spec == "auto":
+        return [int(i) for i in auto()]
+    if isinstance(spec, (int, np.integer)):
+        spec = [int(spec)]
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise ValueError(f"{what} must be a non-empty list of channel indices or 'auto'; got {spec!r}")
+    out = [int(i) for i in spec]
+    bad = [i for i in out if i < 0 or i >= n_total]
+    if bad:
+        raise ValueError(f"{what}: indices {bad} are out of range for a layer with {n_total} channels (0..{n_total - 1})")
+    return out
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """Rows and columns for ``n`` panels, as square as possible."""
+    cols = math.ceil(math.sqrt(n))
+    return math.ceil(n / cols), cols
+
+
+# ---------------------------------------------------------------------------- feature vis
+
+
+def feature_vis(run: Run, targets: Sequence[Union[str, Objective]]) -> list[np.ndarray]:
+    """Feature visualizations (display form: ``[H, W, 3]`` or ``[H, W]`` in ``[0, 1]``), in order.
+
+    ``render.steps: 0`` skips optimisation (returns the random starting images, for tests).
+    """
+    if not targets:
+        return []
+    r = run.render_settings()
+    cache = r.get("cache")
+    result = render(
+        run.model,
+        list(targets),
+        steps=int(r["steps"]),
+        size=r.get("size"),
+        resize_to=r.get("resize_to"),
+        seed=int(r.get("seed", 0)),
+        batch_size=r.get("batch_size"),
+        progress=bool(r.get("progress", True)),
+        cache=(True if cache is True else (cache or None)),
+    )
+    return [result.image(i) for i in range(len(result))]
+
+
+def centre_activation(model: nn.Module, images01: torch.Tensor, layer: str, channel: int) -> torch.Tensor:
+    """``[B]`` activation of ``layer:channel`` at the centre for images in ``[0, 1]``."""
+    from circuits.models import preprocess_input
+
+    with torch.no_grad():
+        a = run_until(model, preprocess_input(model, images01), [layer])[layer]
+    if a.ndim == 4:
+        return a[:, channel, a.shape[2] // 2, a.shape[3] // 2]
+    return a[:, channel]
