@@ -58,6 +58,7 @@ __all__ = [
     "select_neurons",
     "check_writable",
     "concat_branches",
+    "connections_to",
     "NeuronConnections",
 ]
 
@@ -229,42 +230,112 @@ def _factor(weights: np.ndarray, k: int) -> Optional[tuple[np.ndarray, np.ndarra
     return spatial, loadings, explained.reshape(-1), rgb
 
 
-def concat_branches(model: nn.Module, layer: str) -> Optional[list[tuple[str, int, int]]]:
+@dataclass
+class _Trace:
+    """What one forward pass on zeros says about how named layers feed each other."""
+
+    inputs: dict[str, list[int]]  # layer → ids of the tensors it received
+    output: dict[str, int]  # layer → id of the tensor it returned
+    shapes: dict[str, tuple[int, ...]]  # layer → shape of each received tensor (first input)
+    keep: list[torch.Tensor]  # keeps the tensors alive so that ids stay unique
+
+    def producer(self, tensor_id: int) -> Optional[str]:
+        for name, out in self.output.items():  # registration order: outermost name first
+            if out == tensor_id:
+                return name
+        return None
+
+
+def _trace(model: nn.Module) -> _Trace:
+    names = layer_names(model)
+    modules = dict(model.named_modules())
+    inputs: dict[str, list[int]] = {}
+    output: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    keep: list[torch.Tensor] = []
+
+    def make(name: str) -> Any:
+        def hook(_m: nn.Module, args: tuple, out: object) -> None:
+            ts = [a for a in args if isinstance(a, torch.Tensor)]
+            inputs[name] = [id(t) for t in ts]
+            shapes[name] = tuple(ts[0].shape) if ts else ()
+            keep.extend(ts)
+            if isinstance(out, torch.Tensor):
+                output[name] = id(out)
+                keep.append(out)
+
+        return hook
+
+    param = next(model.parameters(), None)
+    x = torch.zeros((1, *model_input_shape(model)), device=param.device if param is not None else "cpu")
+    handles = []
+    try:
+        for n in names:
+            handles.append(modules[n].register_forward_hook(make(n)))
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return _Trace(inputs, output, shapes, keep)
+
+
+def concat_branches(model: nn.Module, layer: str, trace: Optional[_Trace] = None) -> Optional[list[tuple[str, int, int]]]:
     """When ``layer`` concatenates named layers (an Inception block), its branches as
     ``[(branch layer, first channel, n channels)]`` in channel order; else ``None``.
 
     Found with one forward pass on zeros: the concatenating module's inputs are matched
     (by identity) to the outputs of the model's named layers.
     """
-    module = get_layer(model, layer)
-    names = [n for n in layer_names(model) if n != layer]
-    inputs: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, args: tuple, _out: object) -> None:
-        inputs[:] = [a for a in args if isinstance(a, torch.Tensor)]
-
-    param = next(model.parameters(), None)
-    x = torch.zeros((1, *model_input_shape(model)), device=param.device if param is not None else "cpu")
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad(), capture(model, names) as acts:
-            model(x)
-    finally:
-        handle.remove()
-    if len(inputs) < 2:
+    get_layer(model, layer)
+    tr = trace or _trace(model)
+    ids = tr.inputs.get(layer, [])
+    if len(ids) < 2:
         return None
-    by_id = {}
-    for n in names:  # the first (outermost) name wins for a shared tensor
-        if n in acts:
-            by_id.setdefault(id(acts[n]), n)
     out, offset = [], 0
-    for t in inputs:
-        name = by_id.get(id(t))
-        if name is None or t.ndim < 2:
+    for i in ids:
+        name = tr.producer(i)
+        t = next((k for k in tr.keep if id(k) == i), None)
+        if name is None or t is None or t.ndim < 2:
             return None
         out.append((name, offset, int(t.shape[1])))
         offset += int(t.shape[1])
     return out
+
+
+def _adjacent_conv(model: nn.Module, upstream: str, layer: str, tr: _Trace) -> Optional[nn.Conv2d]:
+    """The ``Conv2d`` that maps ``upstream``'s output straight to ``layer`` (``layer`` is that
+    conv, or an elementwise activation applied to its output), else ``None``."""
+    modules = dict(model.named_modules())
+    up_out = tr.output.get(upstream)
+    if up_out is None:
+        return None
+
+    def conv_of(name: str) -> Optional[nn.Conv2d]:
+        m = modules.get(name)
+        if isinstance(m, nn.Conv2d) and m.groups == 1 and tuple(m.dilation) == (1, 1) and tr.inputs.get(name) == [up_out]:
+            return m
+        return None
+
+    conv = conv_of(layer)
+    if conv is not None:
+        return conv
+    ins = tr.inputs.get(layer, [])
+    m = modules.get(layer)
+    if len(ins) == 1 and m is not None and not any(True for _ in m.parameters()):
+        prev = tr.producer(ins[0])
+        if prev is not None and prev != upstream:
+            return conv_of(prev)
+    return None
+
+
+def _crop_to_support(w: np.ndarray) -> np.ndarray:
+    """Crop ``[n, in, kh, kw]`` to the bounding box where any weight is non-zero."""
+    nz = np.abs(w).reshape(-1, *w.shape[-2:]).max(axis=0) > 0
+    if not nz.any():
+        return w
+    ys, xs = np.where(nz.any(axis=1))[0], np.where(nz.any(axis=0))[0]
+    return w[..., ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
 
 
 def _as_numpy4(w: object) -> np.ndarray:
@@ -274,34 +345,50 @@ def _as_numpy4(w: object) -> np.ndarray:
     return a.astype(np.float64)
 
 
-def _weights_for(
-    model: nn.Module, upstream: str, layer: str, channels: list[int], branches: Optional[list[tuple[str, int, int]]]
+def connections_to(
+    model: nn.Module,
+    upstream: str,
+    layer: str,
+    channels: Sequence[int],
+    trace: Optional[_Trace] = None,
 ) -> dict[int, tuple[np.ndarray, str]]:
     """``{channel: (weights [in, kh, kw], kind)}`` from ``upstream`` for the channels it reaches.
 
-    The whole layer is asked first (expanded weights; a channel with all-zero weights is not
-    reached, e.g. another branch's bottleneck). For a concatenation, each branch that is
-    reached is then asked on its own, so that adjacent convolutions give their *direct*
-    kernel and each branch gets its own footprint (1×1 for a 1×1 branch).
+    One call of :func:`circuits.expanded.connection_weights` for the layer (expanded weights
+    across bottlenecks/pools, or the direct kernel); a channel whose weights are all zero is
+    not reached (e.g. another branch's bottleneck) and left out. When ``layer`` concatenates
+    branches, each branch's neurons get their own footprint (the bounding box of their
+    non-zero weights: 1×1 for a 1×1 branch), and a branch that is a convolution of
+    ``upstream`` itself gets its *direct* kernel (``kind="direct"``), e.g.
+    ``mixed3b_3x3_bottleneck → mixed3b:60``.
     """
     from ..expanded import connection_weights
 
+    channels = [int(c) for c in channels]
+    tr = trace or _trace(model)
     conn = connection_weights(model, upstream, layer, channels=channels)
     W = _as_numpy4(conn.weights)
-    scale = float(np.abs(W).max())
+    scale = float(np.abs(W).max()) if W.size else 0.0
     if scale == 0.0:
         return {}
-    live = {c: W[i] for i, c in enumerate(channels) if np.abs(W[i]).max() > 1e-6 * scale}
-    result = {c: (w, str(conn.kind)) for c, w in live.items()}
-    if branches:
-        for branch, first, n in branches:
-            mine = [c for c in live if first <= c < first + n]
-            if not mine or branch == upstream:
-                continue
-            sub = connection_weights(model, upstream, branch, channels=[c - first for c in mine])
-            Wb = _as_numpy4(sub.weights)
-            for i, c in enumerate(mine):
-                result[c] = (Wb[i], str(sub.kind))
+    live = [i for i, c in enumerate(channels) if np.abs(W[i]).max() > 1e-6 * scale]
+    branches = concat_branches(model, layer, tr)
+    if not branches:
+        return {channels[i]: (W[i], str(conn.kind)) for i in live}
+    result: dict[int, tuple[np.ndarray, str]] = {}
+    for branch, first, n in branches:
+        mine = [i for i in live if first <= channels[i] < first + n]
+        if not mine:
+            continue
+        conv = _adjacent_conv(model, upstream, branch, tr)
+        if conv is not None:
+            k = conv.weight.detach().cpu().numpy().astype(np.float64)
+            for i in mine:
+                result[channels[i]] = (k[channels[i] - first], "direct")
+        else:
+            sub = _crop_to_support(W[mine])
+            for j, i in enumerate(mine):
+                result[channels[i]] = (sub[j], str(conn.kind))
     return result
 
 
@@ -315,9 +402,9 @@ def _sections_for_layer(
     n_factors: int,
 ) -> dict[int, list[NeuronConnections]]:
     out: dict[int, list[NeuronConnections]] = {c: [] for c in channels}
-    branches = concat_branches(model, layer)
+    tr = _trace(model)
     for up in upstream:
-        found = _weights_for(model, up, layer, channels, branches)
+        found = connections_to(model, up, layer, channels, tr)
         # factor neurons that share a kernel shape together (one batched NMF per shape)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for c, (w, _) in found.items():
