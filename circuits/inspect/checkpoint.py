@@ -177,12 +177,16 @@ class CheckpointReader:
 
     def _load_torch(self) -> Mapping[str, Any]:
         path = self.path
+        with open(path, "rb") as f:
+            head = f.read(4)
+        is_zip = head == b"PK\x03\x04"
+        if not is_zip and head[:1] != b"\x80":  # neither a torch.save zip nor a (legacy) pickle
+            raise WeightsError(f"{path} is not a readable checkpoint (expected a torch.save .pth/.pt file or a "
+                               ".safetensors file)")
         try:
-            with open(path, "rb") as f:
-                is_zip = f.read(4) == b"PK\x03\x04"
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         except pickle.UnpicklingError as exc:
-            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            if "Unsupported global" in str(exc):
                 raise WeightsError(
                     f"{path} needs arbitrary code to unpickle (it stores more than tensors), so it is refused "
                     "for safety; if you trust it, re-save its state dict: torch.save(torch.load(path, "

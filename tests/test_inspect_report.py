@@ -1,0 +1,166 @@
+"""TensorBoard logging over training, inspect_report, and the CLI entry (exit codes, no tracebacks)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from circuits.inspect import TensorBoardWeightLogger, inspect_report, run_inspect_command
+from circuits.inspect.report import add_inspect_subcommand
+from circuits.models import FashionInception, save_state_dict
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """This shared 2-core machine is oversubscribed: one thread avoids OpenMP thrashing."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(before)
+
+
+def test_tensorboard_logger_histograms_every_n_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, SCALARS, EventAccumulator
+
+    torch.manual_seed(0)
+    model = FashionInception()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    logged = []
+    with TensorBoardWeightLogger(model, tmp_path / "run", every=2, bins=16) as logger:
+        for step in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            logged.append(logger(step))
+    assert logged == [True, False, True, False, True]
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={HISTOGRAMS: 0, SCALARS: 0})
+    acc.Reload()
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(acc.Tags()["histograms"]) == sorted(f"weights/{n}" for n in names)
+    for n, p in model.named_parameters():
+        events = acc.Histograms(f"weights/{n}")
+        assert [e.step for e in events] == [0, 2, 4]
+        last = events[-1].histogram_value
+        assert last.num == p.numel() and sum(last.bucket) == p.numel() and len(last.bucket) == 16
+        assert last.min == pytest.approx(p.min().item()) and last.max == pytest.approx(p.max().item())
+        assert last.sum_squares == pytest.approx((p.detach() ** 2).sum().item(), rel=1e-4)
+    # the weights moved between logged steps, and the scalars say by how much
+    w = "logits.weight"
+    first, last = acc.Histograms(f"weights/{w}")[0].histogram_value, acc.Histograms(f"weights/{w}")[-1].histogram_value
+    assert first.sum_squares != last.sum_squares
+    norms = acc.Scalars(f"stats/{w}/fro_norm")
+    assert [s.step for s in norms] == [0, 2, 4]
+    assert norms[-1].value == pytest.approx(model.logits.weight.norm().item(), rel=1e-5)
+    assert f"stats/{w}/dead_units" in acc.Tags()["scalars"]
+
+
+def test_logger_rejects_bad_arguments(tmp_path):
+    with pytest.raises(TypeError, match="nn.Module"):
+        TensorBoardWeightLogger({"w": torch.ones(1)}, tmp_path)
+    with pytest.raises(ValueError, match="every"):
+        TensorBoardWeightLogger(torch.nn.Linear(2, 2), tmp_path, every=0)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    state = FashionInception().state_dict()
+    state["conv2d0_pre_relu_conv.weight"][4] = 0.0  # a planted dead filter
+    return save_state_dict(state, tmp_path / "model.safetensors")
+
+
+def test_inspect_report_from_checkpoint_writes_everything(tmp_path, checkpoint, capsys):
+    out = tmp_path / "report"
+    table = inspect_report(checkpoint, out_dir=out, format="html", embedding=False)
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(out / "report.html")
+    assert table["conv2d0_pre_relu_conv.weight"].dead_units == [4]
+    recs = json.loads((out / "stats.json").read_text())
+    assert [r["name"] for r in recs] == table.names()
+    assert (out / "stats.csv").read_text().splitlines()[0].startswith("name,shape,dtype,numel")
+    for png in ("histograms.png", "norms.png", "filters.png", "heatmap_logits.weight.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4  # self-contained
+    assert "3% of filters dead (1/32: 4)" in page and 'class="flag"' in page
+
+
+def test_inspect_report_from_model_prints_table_and_graph(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = FashionInception()
+    inspect_report(model, out_dir=tmp_path, format="table", embedding=False,
+                   image=torch.rand(1, 28, 28), activation_layer="conv2d1")
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["name", "shape", "params", "mean"]
+    assert any(line.startswith("logits.weight") for line in lines)
+    dot = (tmp_path / "architecture.dot").read_text()
+    assert '"mixed4a_pool_reduce" -> "mixed4a";' in dot
+    assert (tmp_path / "architecture.png").exists() and (tmp_path / "activations_conv2d1.png").exists()
+    inspect_report(model.state_dict(), format="csv", plots=False)
+    assert capsys.readouterr().out.startswith("name,shape,")
+
+
+def _namespace(source, **kw):
+    parser = argparse.ArgumentParser()
+    add_inspect_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["inspect", str(source)] + [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))])
+    assert args.func is run_inspect_command
+    return args
+
+
+def _bad_inputs(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n" * 20)
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    mixed = tmp_path / "mixed.pth"
+    torch.save({"w": torch.ones(3), "step": 10}, mixed)
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"w": torch.ones(3), "rng": np.random.default_rng(0)}, unsafe)
+    return {
+        text: "not a readable checkpoint",
+        empty: "empty state dict",
+        mixed: "not tensors: step",
+        unsafe: "arbitrary code",
+        tmp_path / "missing.safetensors": "not found",
+        "resnet5O": "unknown model",
+    }
+
+
+def test_cli_bad_input_exit_2_one_line(tmp_path, capsys):
+    for source, message in _bad_inputs(tmp_path).items():
+        assert run_inspect_command(_namespace(source)) == 2, source
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("circuits inspect: error: ") and message in err, err
+        assert "Traceback" not in err
+    ok = tmp_path / "ok.safetensors"
+    save_state_dict({"w": torch.randn(4, 4)}, ok)
+    assert run_inspect_command(_namespace(ok, format="json")) == 0
+    assert json.loads(capsys.readouterr().out)[0]["name"] == "w"
+    assert run_inspect_command(_namespace(ok, format="html")) == 2  # html needs --out
+    assert "--out" in capsys.readouterr().err
+
+
+def test_module_entry_point_subprocess(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00" * 64)
+    out = subprocess.run([sys.executable, "-m", "circuits.inspect.report", str(bad)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("circuits inspect: error:") and "Traceback" not in out.stderr
+    good = tmp_path / "good.pth"
+    torch.save({"fc.weight": torch.ones(3, 5)}, good)
+    out = subprocess.run([sys.executable, "-m", "circuits.inspect.report", str(good), "--format", "csv"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1].startswith("fc.weight,3x5,float32,15,1.0,0.0")
