@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from tqdm.auto import tqdm
 
 from .layers import check_channel, get_layer, parse_target, replace_activation, run_until
 
@@ -136,6 +137,59 @@ def _bind(names: Sequence[str], args: tuple, kwargs: dict) -> dict:
     return bound
 
 
+def _tensors(values: tuple) -> list[torch.Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            out.extend(t for t in v if isinstance(t, torch.Tensor))
+    return out
+
+
+def _pair(v: object) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))  # type: ignore[index]
+
+
+class _InputGradOnlyConv2d(torch.autograd.Function):
+    """conv2d whose forward returns zeros of the right shape and whose backward computes the
+    input gradient only (exactly as autograd's convolution backward does)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation, groups):  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        ctx.conf = (x.shape, stride, padding, dilation, groups)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = weight.shape[-2:], stride, padding, dilation
+        h = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        w = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return x.new_zeros((*x.shape[:-3], weight.shape[0], h, w))
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conf
+        g = torch.nn.grad.conv2d_input(shape, weight, grad.contiguous(), stride, padding, dilation, groups)
+        return g, None, None, None, None, None
+
+
+def _lazy_conv2d(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    b = _bind(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args, kwargs)
+    x, weight = b["input"], b["weight"]
+    padding, dilation = b.get("padding", 0), _pair(b.get("dilation", 1))
+    if x.dim() != 4 or weight.dim() != 4:
+        return None
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        elif padding == "same" and all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, weight.shape[-2:])):
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, weight.shape[-2:]))
+        else:
+            return None
+    return _InputGradOnlyConv2d.apply(
+        x, weight, _pair(b.get("stride", 1)), _pair(padding), dilation, int(b.get("groups", 1))
+    )
+
+
 class _LinearizeMode(TorchFunctionMode):
     """Intercepts torch functions: ReLU → identity, max pool → average pool, LRN → identity.
 
@@ -145,13 +199,27 @@ class _LinearizeMode(TorchFunctionMode):
     the batch-1 tensors, so that only the free tensor needs the expanded batch.
     """
 
-    def __init__(self, lrn: str = "identity", active: bool = True, broadcast_batch: int | None = None):
+    def __init__(
+        self, lrn: str = "identity", active: bool = True, broadcast_batch: int | None = None, lazy: bool = False
+    ):
         super().__init__()
         self.lrn = lrn
         self.active = active
         self.broadcast_batch = broadcast_batch
         self.module_stack: list[str] = []
         self._neg_inf_padded: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        # lazy (internal, for a path already checked to be linear): convolutions of tensors derived
+        # from the free tensor skip their forward computation (values are irrelevant to the
+        # gradient of a linear map) and compute only the input gradient in backward.
+        self.lazy = lazy
+        self._derived: dict[int, weakref.ref] = {}
+
+    def mark_derived(self, t: torch.Tensor) -> None:
+        self._derived[id(t)] = weakref.ref(t)
+
+    def is_derived(self, t: torch.Tensor) -> bool:
+        ref = self._derived.get(id(t))
+        return ref is not None and ref() is t
 
     # -- helpers
     def _where(self) -> str:
@@ -226,6 +294,21 @@ class _LinearizeMode(TorchFunctionMode):
         if not self.active:
             return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
+        if not self.lazy:
+            return self._dispatch(name, func, args, kwargs)
+        if not any(self.is_derived(t) for t in _tensors(args) + _tensors(tuple(kwargs.values()))):
+            return self._dispatch(name, func, args, kwargs)
+        if name == "conv2d":
+            out = _lazy_conv2d(args, kwargs)
+            if out is None:
+                out = self._dispatch(name, func, args, kwargs)
+        else:
+            out = self._dispatch(name, func, args, kwargs)
+        for t in _tensors(out if isinstance(out, (tuple, list)) else (out,)):
+            self.mark_derived(t)
+        return out
+
+    def _dispatch(self, name: str, func: Callable, args: tuple, kwargs: dict) -> object:
         if name in _RELU:
             x = args[0] if args else kwargs["input"]
             inplace = name.endswith("_") or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
@@ -358,10 +441,11 @@ def _run_linear(
     to_layer: str,
     make_free: Callable[[torch.Tensor], torch.Tensor],
     broadcast_batch: int | None = None,
+    lazy: bool = False,
 ) -> _Run:
     """Forward ``x`` up to ``to_layer`` with ``from_layer``'s output replaced by ``make_free(out)``;
     linearised from ``from_layer`` on (what runs before it is irrelevant to the result)."""
-    mode = _LinearizeMode(active=False, broadcast_batch=broadcast_batch)
+    mode = _LinearizeMode(active=False, broadcast_batch=broadcast_batch, lazy=lazy)
     state: dict[str, torch.Tensor] = {}
 
     def replace(out: torch.Tensor) -> torch.Tensor:
@@ -372,6 +456,7 @@ def _run_linear(
             )
         _check_spatial(from_layer, tuple(out.shape), "from_layer")
         state["free"] = make_free(out)
+        mode.mark_derived(state["free"])
         mode.active = True
         return state["free"]
 
@@ -427,14 +512,18 @@ def _probe(
         h2, w2 = run.out.shape[-2:]
         if not (0 <= pos[0] < h2 and 0 <= pos[1] < w2):
             raise ValueError(f"position {pos} is outside {to_layer!r}'s {h2}x{w2} map")
-        mix = torch.randn(run.out.shape[1], generator=torch.Generator().manual_seed(1234), dtype=run.out.dtype)
-        loss = (run.out[0, :, pos[0], pos[1]] * mix.to(run.out.device)).sum()
+        loss = (run.out[0, :, pos[0], pos[1]] * _mix(run.out.shape[1], run.out)).sum()
         if not loss.requires_grad:
             raise _not_downstream(from_layer, to_layer)
         (grad,) = torch.autograd.grad(loss, run.free, allow_unused=True)
     if grad is None:
         raise _not_downstream(from_layer, to_layer)
     return grad[0].detach(), pos, tuple(run.out.shape[1:])
+
+
+def _mix(n: int, like: torch.Tensor) -> torch.Tensor:
+    """The fixed random weights ``[n]`` with which probes mix all to_layer channels."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(1234), dtype=like.dtype).to(like.device)
 
 
 def _support_box(grad: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -456,7 +545,7 @@ def _crop(t: torch.Tensor, y0: int, x0: int, kh: int, kw: int) -> torch.Tensor:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Geometry:
     hw: tuple[int, int]  # model input size used for the computation
     centre: tuple[int, int]  # the neuron's position in to_layer at that size
@@ -464,7 +553,8 @@ class _Geometry:
     box: tuple[int, int]  # footprint size (bh, bw)
     window_offset: tuple[int, int]  # window origin minus footprint origin
     to_shape: tuple[int, ...]  # (C2, h2, w2) at that size
-    from_channels: int
+    from_channels: int  # model input channels
+    pattern: torch.Tensor  # [C1, kh, kw]: the probe (all to_layer channels mixed by _mix), cropped
 
 
 _GEOMETRY_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -524,7 +614,7 @@ def _plan(
         )
     pattern = _crop(ref, by0 + oy, bx0 + ox, kh, kw)
     tol = _TOLERANCE * float(pattern.abs().max())
-    geometry = _Geometry((h, w), ref_pos, (by0 + oy, bx0 + ox, kh, kw), (bh, bw), (oy, ox), ref_to, c)
+    geometry = _Geometry((h, w), ref_pos, (by0 + oy, bx0 + ox, kh, kw), (bh, bw), (oy, ox), ref_to, c, pattern)
     # start the search where the from_layer map is about as large as the footprint
     need, ratio = max(bh, kh), ref.shape[-2] / h
     candidates = [hw for hw in _candidate_sizes(h, w) if hw[0] * ratio >= need - 2]
@@ -539,7 +629,8 @@ def _plan(
             continue
         window = (b[0] + oy, b[2] + ox, kh, kw)
         if float((_crop(g, *window) - pattern).abs().max()) <= tol:
-            geometry, accepted = _Geometry(hw, pos, window, (bh, bw), (oy, ox), to_shape, c), g
+            geometry = _Geometry(hw, pos, window, (bh, bw), (oy, ox), to_shape, c, _crop(g, *window))
+            accepted = g
             break
     # linearity: the gradient must not depend on the free tensor's value (random above, zeros here)
     g0, _, _ = _probe(model, from_layer, to_layer, geometry.hw, c, value_seed=None)
@@ -622,31 +713,36 @@ def expanded_weights(
     y, xpos = geo.centre
     wy0, wx0, kh, kw = geo.window
     chunks = [chans[i : i + batch_size] for i in range(0, len(chans), batch_size)]
-    results = []
-    try:
-        from tqdm.auto import tqdm
+    iterator = tqdm(chunks, desc=f"expanded weights {from_layer}→{to_layer}", disable=not progress or len(chunks) < 2)
 
-        iterator = tqdm(chunks, desc=f"expanded weights {from_layer}→{to_layer}", disable=not progress or len(chunks) < 2)
-    except ImportError:  # pragma: no cover
-        iterator = chunks
-    for chunk in iterator:
+    def compute(chunk: list[int], lazy: bool) -> torch.Tensor:
         n = len(chunk)
 
-        def make_free(out: torch.Tensor, n: int = n) -> torch.Tensor:
+        def make_free(out: torch.Tensor) -> torch.Tensor:
             return out.new_zeros((n, *out.shape[1:])).requires_grad_(True)
 
         with torch.enable_grad():
             try:
-                run = _run_linear(model, x, from_layer, to_layer, make_free, broadcast_batch=n)
+                run = _run_linear(model, x, from_layer, to_layer, make_free, broadcast_batch=n, lazy=lazy)
             except RuntimeError:  # something other than a concatenation mixed batch 1 and batch n
-                run = _run_linear(model, x.expand(n, *x.shape[1:]), from_layer, to_layer, make_free)
+                run = _run_linear(model, x.expand(n, *x.shape[1:]), from_layer, to_layer, make_free, lazy=lazy)
             index = torch.tensor(chunk, device=run.out.device)
             selected = run.out[torch.arange(n, device=run.out.device), index, y, xpos]
             (grad,) = torch.autograd.grad(selected.sum(), run.free, allow_unused=True)
         if grad is None:
             grad = torch.zeros_like(run.free)
-        results.append(_crop(grad.detach(), wy0, wx0, kh, kw))
-    return torch.cat(results, 0)
+        return _crop(grad.detach(), wy0, wx0, kh, kw)
+
+    # The path was checked to be linear when planning, so convolutions on it skip their forward
+    # computation (``lazy``). With all channels, the result is checked against the planning probe
+    # (the same channels mixed with fixed weights) and recomputed the plain way on a mismatch.
+    result = torch.cat([compute(chunk, lazy=True) for chunk in iterator], 0)
+    if sorted(chans) == list(range(geo.to_shape[0])):
+        mixed = torch.einsum("c,cihw->ihw", _mix(len(chans), result)[chans], result)
+        scale = float(geo.pattern.abs().max())
+        if float((mixed - geo.pattern).abs().max()) > 10 * _TOLERANCE * scale + 1e-12:
+            result = torch.cat([compute(chunk, lazy=False) for chunk in chunks], 0)
+    return result
 
 
 # --------------------------------------------------------------------------- direct connections

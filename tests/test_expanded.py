@@ -207,12 +207,13 @@ def _compose(kernels: list[torch.Tensor]) -> torch.Tensor:
     kernels=st.lists(st.integers(1, 5), min_size=1, max_size=3),
     channels=st.lists(st.integers(1, 4), min_size=4, max_size=4),
     seed=st.integers(0, 2**16),
+    same=st.booleans(),
 )
-def test_linear_conv_chain_equals_analytic_composition(kernels, channels, seed):
+def test_linear_conv_chain_equals_analytic_composition(kernels, channels, seed, same):
     torch.manual_seed(seed)
     layers: list[tuple[str, nn.Module]] = [("inp", nn.Identity())]
-    for i, k in enumerate(kernels):
-        layers.append((f"c{i}", nn.Conv2d(channels[i], channels[i + 1], k)))
+    for i, k in enumerate(kernels):  # "valid" or zero-padded convolutions, stride 1
+        layers.append((f"c{i}", nn.Conv2d(channels[i], channels[i + 1], k, padding=k // 2 if same else 0)))
     model = nn.Sequential(OrderedDict(layers)).eval()
     size = 2 * sum(k - 1 for k in kernels) + 5
     E = expanded_weights(model, "inp", f"c{len(kernels) - 1}", input_shape=(channels[0], size, size))
@@ -230,6 +231,9 @@ def test_bottleneck_into_3x3_is_kernel_contraction():
     golden = torch.einsum("omyx,mi->oiyx", model.conv.weight.double(), model.reduce.weight[:, :, 0, 0].double())
     assert E.shape == (5, 6, 3, 3)
     assert torch.allclose(E.double(), golden, atol=1e-6)
+    wide = expanded_weights(model, "x", "out", crop=(5, 7), input_shape=(6, 12, 12))
+    assert wide.shape == (5, 6, 5, 7) and torch.equal(wide[..., 1:4, 2:5], E)
+    assert wide[..., 0, :].abs().max() == 0 and wide[..., :, :2].abs().max() == 0
     # adjacent layers: the direct kernel, and expanded weights agree with it
     c = connection_weights(model, "relu", "out", input_shape=(6, 12, 12))
     assert c.kind == "direct" and torch.equal(c.weights, model.conv.weight.detach())
