@@ -43,7 +43,11 @@ starting from the model's input size (``input_shape``; the reference), we search
 smallest input size whose result at the centre neuron is identical to the reference result,
 i.e. whose ``from_layer`` map holds the whole receptive field of the centre neuron and
 whose borders (zero padding, average-pool divisors) do not reach the paths into it. The
-chosen geometry is cached per model.
+chosen geometry is cached per model (weakly). Once the path has been checked to be linear,
+convolutions of tensors derived from the free tensor skip their forward arithmetic (values
+do not enter the gradient of a linear map; only the input gradient is computed); when all
+output channels are requested, the result is cross-checked against the planning probe and
+recomputed the plain way on any mismatch.
 
 The result is cropped to the receptive-field footprint of ``to_layer``'s centre neuron in
 ``from_layer`` (the bounding box of the gradient's support over all output channels: 5×5

@@ -402,15 +402,34 @@ def test_per_example_gradient_matches_autograd(fashion_random):
 # ----------------------------------------------------------------------------- trained model
 
 
-@pytest.mark.skipif(not FASHION_WEIGHTS.is_file(), reason="trained FashionInception weights not built yet")
-def test_trained_fashion_connections():
-    from circuits.models import load_model
-
-    model = load_model()
+def _check_fashion_connections(model: nn.Module) -> None:
     E = expanded_weights(model, "conv2d2", "mixed3b")
-    assert E.shape == (160, 64, 9, 9)  # 5x5 (mixed3a) then 5x5 (mixed3b) across stride 1
+    assert E.shape == (160, 64, 9, 9)  # 5x5 (mixed3a) then 5x5 (mixed3b), stride 1
     E = expanded_weights(model, "mixed3a", "mixed3b_5x5")
     assert E.shape == (24, 112, 5, 5)
     c = connection_weights(model, "mixed3b_5x5_bottleneck", "mixed3b_5x5")
     assert c.kind == "direct" and torch.equal(c.weights, model.mixed3b_5x5_pre_relu_conv.weight.detach())
     assert torch.allclose(expanded_weights(model, "mixed3b_5x5_bottleneck", "mixed3b_5x5"), c.weights, atol=1e-6)
+    assert connection_weights(model, "mixed3a", "mixed3b_5x5", channels=[0]).kind == "expanded"
+
+
+def test_fashion_connections_random_init(fashion_random):
+    _check_fashion_connections(fashion_random)
+
+
+@pytest.mark.skipif(not FASHION_WEIGHTS.is_file(), reason="trained FashionInception weights not built yet")
+def test_trained_fashion_connections():
+    from circuits.models import load_model
+
+    _check_fashion_connections(load_model())
+
+
+def test_inconsistent_fast_path_falls_back_to_plain(monkeypatch):
+    import circuits.expanded as ex
+
+    torch.manual_seed(6)
+    model = nn.Sequential(OrderedDict(x=nn.Identity(), a=nn.Conv2d(3, 4, 3), b=nn.Conv2d(4, 2, 3))).eval()
+    good = expanded_weights(model, "x", "b", input_shape=(3, 12, 12))
+    ex._GEOMETRY_CACHE.clear()
+    monkeypatch.setattr(ex, "_lazy_conv2d", lambda args, kwargs: F.conv2d(*args, **kwargs) * 0)
+    assert torch.allclose(expanded_weights(model, "x", "b", input_shape=(3, 12, 12)), good, atol=1e-6)
