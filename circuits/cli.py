@@ -23,7 +23,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 __all__ = ["main", "build_parser", "load_model_arg", "parse_channels"]
 
@@ -396,8 +396,40 @@ def cmd_explore(args: argparse.Namespace, model: Any) -> int:
     return 0
 
 
+def _overrides(items: Optional[Sequence[str]]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    argv = config_to_argv(args.config, parser)
+    import yaml
+
+    path = Path(args.config).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    overrides = _overrides(args.set)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(raw, dict) and "experiment" in raw and "command" not in raw:
+        from .experiment import run_experiment
+
+        result = run_experiment(path, overrides)
+        for f in result.get("files", []):
+            print(f)
+        return 0
+    argv = config_to_argv(path, parser, overrides)
     print(f"circuits {' '.join(argv)}")
     return main(argv)
 
@@ -405,7 +437,9 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 # ----------------------------------------------------------------------------- configs
 
 
-def config_to_argv(path: str, parser: Optional[argparse.ArgumentParser] = None) -> list[str]:
+def config_to_argv(
+    path: Union[str, Path], parser: Optional[argparse.ArgumentParser] = None, overrides: Optional[dict[str, Any]] = None
+) -> list[str]:
     """Read a YAML config (``command:`` plus that command's arguments) into an argv list.
 
     Keys are the long option names (``top_k`` or ``top-k``); positional arguments use their
@@ -424,7 +458,7 @@ def config_to_argv(path: str, parser: Optional[argparse.ArgumentParser] = None) 
         raise UsageError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(cfg, dict) or "command" not in cfg:
         raise UsageError(f"{p} needs a 'command:' key (one of: {', '.join(_COMMANDS)})")
-    cfg = dict(cfg)
+    cfg = dict(cfg, **(overrides or {}))
     command = str(cfg.pop("command"))
     sub = _subparsers(parser).get(command)
     if sub is None or command == "run":
@@ -603,7 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(raw_handler=run_inspect_command)
 
     p = sub.add_parser("run", help=_COMMANDS["run"], description=_COMMANDS["run"])
-    p.add_argument("config", help="YAML file with a 'command:' key and that command's arguments")
+    p.add_argument("config", help="YAML file with a 'command:' key and that command's arguments "
+                                  "(or an 'experiment:' key: runs experiments/<name>.py)")
+    p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", help="override config values, e.g. steps=16 out=/tmp/x")
     p.set_defaults(raw_handler=None, run_config=True)
     return parser
 

@@ -149,6 +149,12 @@ def _colorbar(fig: Figure, mappable: Any, axes: Any = None, cax: Any = None) -> 
     cb.ax.tick_params(labelsize=6)
 
 
+def _margins(fig: Figure, title: Optional[str]) -> dict[str, float]:
+    """Grid margins that leave about half an inch for a title, whatever the figure's height."""
+    h = fig.get_figheight()
+    return {"top": 1.0 - (0.55 if title else 0.15) / h, "bottom": 0.1 / h}
+
+
 def _grid_with_colorbar(fig: Figure, nrows: int, ncols: int, colorbar: bool, **kw: Any) -> tuple[Any, Any]:
     """A gridspec of ``nrows x ncols`` cells plus, when ``colorbar``, a thin last column for it."""
     if not colorbar:
@@ -251,7 +257,7 @@ def _cells_figure(
     ncols = max(1, min(cols, n))
     nrows = math.ceil(n / ncols)
     fig = Figure(figsize=(ncols * cell_size + (0.8 if colorbar else 0.0), nrows * cell_size * 2.1 + (0.4 if title else 0.0)))
-    gs, cax = _grid_with_colorbar(fig, nrows * 2, ncols, colorbar, hspace=0.15, wspace=0.1)
+    gs, cax = _grid_with_colorbar(fig, nrows * 2, ncols, colorbar, hspace=0.15, wspace=0.1, **_margins(fig, title))
     im = None
     weight_axes = []
     for k in range(n):
@@ -266,7 +272,7 @@ def _cells_figure(
         im = _show_weights(ax_w, slices[k], m)
         weight_axes.append(ax_w)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, y=1.0 - 0.12 / fig.get_figheight(), va="top")
     if cax is not None and im is not None:
         _colorbar(fig, im, cax=cax)
     return fig, m
@@ -358,7 +364,7 @@ def family_grid(
         raise ValueError("family_grid: one label per selected input/output neuron")
     R, C = n_in + 1, n_out + 1
     fig = Figure(figsize=(C * cell_size + (0.8 if colorbar else 0.0), R * cell_size + (0.4 if title else 0.0)))
-    gs, cax = _grid_with_colorbar(fig, R, C, colorbar, hspace=0.08, wspace=0.08)
+    gs, cax = _grid_with_colorbar(fig, R, C, colorbar, hspace=0.08, wspace=0.08, **_margins(fig, title))
     im = None
     weight_axes = []
     for j in range(n_out):
@@ -374,7 +380,7 @@ def family_grid(
             im = _show_weights(ax_w, cells[i, j], m)
             weight_axes.append(ax_w)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, y=1.0 - 0.12 / fig.get_figheight(), va="top")
     if cax is not None and im is not None:
         _colorbar(fig, im, cax=cax)
     return FigureResult(fig, {"cells": cells, "inputs": ins, "outputs": outs, "vmin": -m, "vmax": m})
@@ -435,7 +441,7 @@ def spatial_position_grid(
             _show_image(ax, img, a)
             ax.set_title(f"{norms[dy, dx]:.2g}", fontsize=6, pad=1)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, y=1.0 - 0.12 / fig.get_figheight(), va="top")
     return FigureResult(fig, {"directions": directions, "norms": norms, "alpha": alpha})
 
 
@@ -558,5 +564,5 @@ def nmf_rgb_figure(
         else:
             ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, y=1.0 - 0.12 / fig.get_figheight(), va="top")
     return FigureResult(fig, {"rgb": a})
