@@ -1,0 +1,132 @@
+"""Neuron pages in a real browser: headless system Chromium loads the site from disk and
+follows links, with no console errors, no failed requests and no broken images."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from circuits.figures.pages import build_pages, concat_branches, connections_to, default_upstream, select_neurons
+from circuits.models import FASHION_WEIGHTS, FashionInception, load_model
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    if FASHION_WEIGHTS.is_file():
+        return load_model()
+    torch.manual_seed(0)  # only while the trained checkpoint is being produced
+    return FashionInception().eval()
+
+
+@pytest.fixture(scope="module")
+def site(model, tmp_path_factory) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: threads only cost time on a shared CPU
+    try:
+        out = tmp_path_factory.mktemp("site")
+        index = build_pages(
+            model, ["mixed3a", "mixed3b"], out, neurons={"mixed3a": [40, 100], "mixed3b": [60, 120]},
+            top_k=6, render_kwargs={"steps": 4}, cache=tmp_path_factory.mktemp("fv"), dataset_size=64,
+            n_examples=4, progress=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert index == out / "index.html"
+    return out
+
+
+def test_default_choices(model):
+    assert default_upstream(model, "mixed3b") == ["mixed3a", "mixed3b_3x3_bottleneck", "mixed3b_5x5_bottleneck"]
+    assert [b[0] for b in concat_branches(model, "mixed3a")] == ["mixed3a_1x1", "mixed3a_3x3", "mixed3a_5x5", "mixed3a_pool_reduce"]
+    assert select_neurons(model, ["mixed3b"], 4) == {"mixed3b": [20, 60, 100, 140]}
+    with pytest.raises(ValueError, match="0..159"):
+        select_neurons(model, ["mixed3b"], ["mixed3b:160"])
+
+
+def test_connections_direct_and_expanded(model):
+    from circuits.expanded import connection_weights
+
+    found = connections_to(model, "mixed3b_3x3_bottleneck", "mixed3b", [5, 60])
+    assert list(found) == [60]  # the 1x1-branch neuron 5 is not reached from this bottleneck
+    w, kind = found[60]
+    assert kind == "direct"
+    conv = dict(model.named_modules())["mixed3b_3x3_pre_relu_conv"]
+    np.testing.assert_array_equal(w, conv.weight.detach().numpy()[60 - 48].astype(np.float64))
+    found = connections_to(model, "mixed3a", "mixed3b", [5, 60, 120])
+    assert found[5][1] == "direct" and found[5][0].shape == (112, 1, 1)
+    assert found[60][1] == "expanded" and found[60][0].shape == (112, 3, 3)
+    ref = connection_weights(model, "mixed3a", "mixed3b_3x3", channels=[12]).weights[0].numpy()
+    np.testing.assert_allclose(found[60][0], ref, rtol=1e-6, atol=1e-9)
+    assert found[120][0].shape == (112, 5, 5)
+
+
+def test_site_structure(site):
+    index = (site / "index.html").read_text()
+    assert "http://" not in index and "https://" not in index and "<script" not in index
+    page = (site / "layers/mixed3b/60.html").read_text()
+    # the 3x3-branch neuron: expanded weights from mixed3a, direct from its own bottleneck
+    assert "mixed3a → mixed3b:60" in page and "expanded weights, 3×3" in page
+    assert "mixed3b_3x3_bottleneck → mixed3b:60" in page and "direct weights, 3×3" in page
+    assert "mixed3b_5x5_bottleneck → mixed3b:60" not in page
+    srcs = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert srcs and all(not s.startswith(("/", "http", "file:")) for s in srcs if not s.startswith("data:"))
+    for s in srcs:
+        if not s.startswith("data:"):
+            assert (site / "layers/mixed3b" / s).resolve().is_file(), s
+
+
+def test_pages_in_chromium(site, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (Debian packages chromium, chromium-driver)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    problems: list[str] = []
+
+    def check_images(page) -> int:
+        broken = page.eval_on_selector_all("img", "imgs => imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+        problems.extend(f"broken image {b}" for b in broken)
+        return page.eval_on_selector_all("img", "imgs => imgs.length")
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}"))
+            page.goto((site / "index.html").as_uri(), wait_until="load")
+            assert "neuron pages" in page.title()
+            assert check_images(page) >= 4
+
+            # index → a neuron page
+            page.click('a[href="layers/mixed3b/60.html"]')
+            page.wait_for_load_state("load")
+            assert page.url.endswith("/layers/mixed3b/60.html")
+            assert page.locator("h1").inner_text() == "mixed3b:60"
+            n = check_images(page)
+            assert n >= 1 + 1 + 2 * 6  # visualization, examples, cells (image + weights) of a section
+            page.screenshot(path=str(tmp_path / "neuron_page.png"), full_page=True)
+
+            # neuron page → an upstream neuron (the first cell of the mixed3a section)
+            link = page.locator('.cell a[href^="../../layers/mixed3a/"]').first
+            href = link.get_attribute("href")
+            link.click()
+            page.wait_for_load_state("load")
+            assert page.url.endswith(href.replace("../../", "/"))
+            assert page.locator("h1").inner_text().startswith("mixed3a:")
+            check_images(page)
+            # ... whose page links back downstream to mixed3b:60
+            assert page.locator('a[href="../../layers/mixed3b/60.html"]').count() >= 1
+            page.screenshot(path=str(tmp_path / "upstream_page.png"))
+        finally:
+            browser.close()
+    assert not problems, problems
+    shot = (tmp_path / "neuron_page.png").read_bytes()
+    assert shot.startswith(b"\x89PNG") and len(shot) > 10_000
