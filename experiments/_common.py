@@ -51,6 +51,7 @@ __all__ = [
     "resolve_neurons",
     "strongest_outputs",
     "similar_family",
+    "strongest_spatial",
     "grid_shape",
 ]
 
@@ -243,6 +244,17 @@ def strongest_outputs(weights: torch.Tensor, n: int) -> list[int]:
     return norms.argsort(descending=True, stable=True)[: max(1, n)].tolist()
 
 
+def strongest_spatial(weights: torch.Tensor) -> int:
+    """The output channel with the largest L2 among those whose weights cover more than one
+    spatial position (so spatial figures have something to show); any channel if none does."""
+    norms = weights.flatten(1).norm(dim=1)
+    support = (weights.flatten(2).abs().sum(dim=1) > 0).sum(dim=1)
+    spatial = support > 1
+    if bool(spatial.any()):
+        norms = torch.where(spatial, norms, torch.full_like(norms, -1.0))
+    return int(norms.argmax())
+
+
 def similar_family(weights: torch.Tensor, n: int, seed: Optional[int] = None) -> list[int]:
     """A family of ``n`` output channels with similar weights: the seed (default: the strongest)
     and the ``n - 1`` channels whose flattened weights have the highest cosine similarity to it."""
@@ -263,7 +275,7 @@ def resolve_target(spec: str, model: nn.Module, from_layer: str) -> tuple[str, i
     layer, _, idx = spec.partition(":")
     if idx.strip() == "auto":
         w, _ = weights_between(model, from_layer, layer)
-        return layer, strongest_outputs(w, 1)[0]
+        return layer, strongest_spatial(w)
     t = parse_target(spec)
     if t.channel is None:
         raise ValueError(f"target {spec!r} needs a channel index")
@@ -330,3 +342,37 @@ def centre_activation(model: nn.Module, images01: torch.Tensor, layer: str, chan
     if a.ndim == 4:
         return a[:, channel, a.shape[2] // 2, a.shape[3] // 2]
     return a[:, channel]
+
+
+def sparse_images(run: Run, layer: str, channels: Sequence[int], n_total: int, extra: Sequence[str] = ()) -> tuple[list[Optional[np.ndarray]], list[np.ndarray]]:
+    """Feature visualizations of ``layer``'s ``channels`` placed in a list of ``n_total``
+    (``None`` elsewhere, for figures indexed by input channel), plus those of ``extra`` targets.
+    One batched render for all of them."""
+    targets = [f"{layer}:{c}" for c in channels] + list(extra)
+    imgs = feature_vis(run, targets)
+    full: list[Optional[np.ndarray]] = [None] * n_total
+    for c, im in zip(channels, imgs):
+        full[c] = im
+    return full, imgs[len(channels):]
+
+
+def connection_panel(in_image: Optional[np.ndarray], w2d: np.ndarray, out_image: Optional[np.ndarray], in_label: str, out_label: str, title: str):
+    """Three panels: input neuron's variable name → its weight slice → output neuron's (article fig. 3)."""
+    from matplotlib.figure import Figure
+
+    from circuits.figures import DIVERGING, FigureResult, symmetric_limit
+
+    fig = Figure(figsize=(6.0, 2.4))
+    axes = fig.subplots(1, 3)
+    m = symmetric_limit(w2d)
+    for ax, im, lab in ((axes[0], in_image, in_label), (axes[2], out_image, out_label)):
+        ax.set_xticks([]); ax.set_yticks([])
+        if im is not None:
+            ax.imshow(im, cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1)
+        ax.set_title(lab, fontsize=8)
+    h = axes[1].imshow(w2d, cmap=DIVERGING, vmin=-m, vmax=m, interpolation="nearest")
+    axes[1].set_xticks([]); axes[1].set_yticks([])
+    axes[1].set_title("weights", fontsize=8)
+    fig.colorbar(h, ax=axes[1], shrink=0.7)
+    fig.suptitle(title, fontsize=9)
+    return FigureResult(fig, {"weights": w2d, "vmin": -m, "vmax": m})

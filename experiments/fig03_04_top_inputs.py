@@ -1,0 +1,47 @@
+"""Article figures 3–4: the top input neurons of ``mixed3b:342`` with variable names and weight slices.
+
+Figure 3 ("the key trick"): the strongest input neuron's feature visualization, its
+``[kh, kw]`` weight slice, and the output neuron's feature visualization. Figure 4: small
+multiples of the ``top_n`` strongest inputs (ranked by the L2 of their weight slice).
+The weights come from ``from_layer`` (default ``mixed3a``); across the ``mixed3b``
+bottlenecks they are expanded weights (:func:`circuits.expanded.connection_weights`).
+
+Config: ``target`` (``mixed3b:342`` or ``layer:auto``), ``from_layer``, ``top_n``.
+
+Outputs: ``fig03_top_input.*`` and ``fig04_small_multiples.*`` (figures),
+``fig04_small_multiples.npz`` (``weights [in, kh, kw]``, ``norms [in]``, ``order``,
+``slices [top_n, kh, kw]``), ``.json`` (target, ranking, kind of weights).
+Needs the real checkpoint (``weights: inception5h.pth``) to show curve-detector inputs;
+random init is a smoke test. For fashion-inception the target is chosen as the ``mixed3b``
+neuron with the strongest weights from ``mixed3a`` (``mixed3b:auto``).
+"""
+
+from __future__ import annotations
+
+from _common import connection_panel, n_channels, resolve_target, sparse_images, start, weights_between
+from circuits.figures import small_multiples
+
+
+def run(config: dict) -> dict:
+    r = start(config)
+    src = config.get("from_layer", "mixed3a")
+    layer, ch = resolve_target(config.get("target", "mixed3b:342"), r.model, src)
+    top_n = int(config.get("top_n", 8))
+    W, kind = weights_between(r.model, src, layer, [ch])
+    w = W[0]
+    n_in = w.shape[0]
+    norms = w.flatten(1).norm(dim=1)
+    order = norms.argsort(descending=True, stable=True)[:top_n].tolist()
+    images, (out_img,) = sparse_images(r, src, order, n_in, extra=[f"{layer}:{ch}"])
+    labels = [f"{src}:{c}" for c in range(n_in)]
+    top = order[0]
+    f3 = connection_panel(images[top], w[top].numpy(), out_img, f"{src}:{top}", f"{layer}:{ch}",
+                          f"{src}:{top} → {layer}:{ch} ({kind} weights)")
+    r.save_figure(f3, "fig03_top_input")
+    f4 = small_multiples(w, images, top_n=top_n, labels=labels, title=f"Top {top_n} {src} inputs of {layer}:{ch} ({kind} weights)", cols=min(top_n, 8))
+    data = dict(f4.data)
+    r.save_figure(f4, "fig04_small_multiples")
+    summary = {"target": f"{layer}:{ch}", "from_layer": src, "kind": kind, "top_n": top_n,
+               "order": data["order"], "top_norms": data["norms"][data["order"]], "kernel": list(w.shape[1:])}
+    r.save_numbers("fig04_small_multiples", {"weights": w, "norms": data["norms"], "order": data["order"], "slices": data["slices"]}, summary)
+    return r.result(summary)
