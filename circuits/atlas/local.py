@@ -1,0 +1,108 @@
+"""The local engine (the default): every pending task of a plan, one after another, in this process.
+
+Batches are the plan's (sized to the device's memory by
+:func:`~circuits.atlas.plan.batch_size_for`); a tqdm bar counts tasks and shows the ETA and the
+number of images rendered. A task that fails stops the run with :class:`AtlasTaskError`; what
+finished before is in the store, so running again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .plan import AtlasPlan
+from .store import ResultStore
+from .tasks import run_task
+
+__all__ = ["run_local", "RunReport", "AtlasTaskError"]
+
+
+class AtlasTaskError(RuntimeError):
+    """A task failed (after its retries, on Ray). ``task_id`` names it; finished tasks are kept."""
+
+    def __init__(self, task_id: str, message: str):
+        super().__init__(f"atlas task {task_id} failed: {message}")
+        self.task_id = task_id
+
+
+@dataclass
+class RunReport:
+    """What a run did.
+
+    Attributes:
+        engine: ``"local"`` or ``"ray"``.
+        tasks_total: tasks in the plan; ``tasks_skipped``: already done before the run;
+            ``tasks_run``: done by this run.
+        rendered: images optimised by this run (cached images are not counted).
+        seconds: wall time of the run.
+        completed: every task of the plan is done.
+        results: one dict per task run (:func:`circuits.atlas.tasks.run_task`).
+    """
+
+    engine: str
+    tasks_total: int
+    tasks_skipped: int
+    tasks_run: int = 0
+    rendered: int = 0
+    seconds: float = 0.0
+    completed: bool = False
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rendered / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        state = "complete" if self.completed else "incomplete"
+        return (f"{self.engine}: {self.tasks_run} task(s) run, {self.tasks_skipped} already done, "
+                f"{self.rendered} image(s) rendered in {self.seconds:.1f} s; atlas {state}")
+
+
+def run_local(
+    plan: AtlasPlan,
+    model: nn.Module,
+    store: ResultStore,
+    *,
+    progress: bool = True,
+    max_tasks: Optional[int] = None,
+    fail_once: Optional[str] = None,
+) -> RunReport:
+    """Run the plan's pending tasks in this process with ``model`` (on the plan's device).
+
+    Args:
+        plan: the plan.
+        model: the model the plan was made for (moved to ``plan.device``).
+        store: where results go (and what is already done).
+        progress: tqdm bar over the pending tasks with an ETA.
+        max_tasks: stop after this many tasks (the run is then incomplete; run again to go on).
+        fail_once: the test hook of :mod:`circuits.atlas.tasks` (a task's first attempt fails).
+    """
+    if max_tasks is not None and (not isinstance(max_tasks, int) or max_tasks < 0):
+        raise ValueError(f"max_tasks must be a non-negative integer, got {max_tasks!r}")
+    t0 = time.perf_counter()
+    pending = plan.pending(store)
+    report = RunReport("local", len(plan.tasks), len(plan.tasks) - len(pending))
+    todo = pending if max_tasks is None else pending[:max_tasks]
+    model = model.to(plan.device).eval()
+    bar = tqdm(total=len(todo), desc="atlas", unit="task", disable=not progress)
+    try:
+        for task in todo:
+            bar.set_postfix_str(f"{task.id}, {report.rendered} rendered", refresh=False)
+            try:
+                result = run_task(model, plan, task, store, fail_once=fail_once)
+            except Exception as exc:
+                raise AtlasTaskError(task.id, f"{type(exc).__name__}: {exc}") from exc
+            report.results.append(result)
+            report.tasks_run += 1
+            report.rendered += int(result["rendered"])
+            bar.update(1)
+    finally:
+        bar.close()
+        report.seconds = time.perf_counter() - t0
+    report.completed = len(todo) == len(pending)
+    return report

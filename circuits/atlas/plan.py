@@ -1,0 +1,582 @@
+"""The atlas plan: every piece of work for every neuron of the chosen layers, as tasks.
+
+:func:`make_plan` turns ``(model, layers, settings)`` into an :class:`AtlasPlan`, a plain,
+JSON-serialisable list of :class:`AtlasTask` that any engine (:mod:`.local`, :mod:`.ray_engine`)
+can run in any order:
+
+- ``render`` tasks: one batch of feature visualizations each (targets of one layer, as many
+  as the device's memory allows, see :func:`batch_size_for`). Their results are the
+  featurevis cache files themselves (``<store>/<model hash>/<k[:2]>/<k>.npz``), so the plan
+  knows in advance which file each target will produce and a task is done exactly when all
+  of its files exist. Rendered are the chosen neurons and, by default, every channel of
+  their upstream layers (the neurons the pages show as inputs), so that building the pages
+  afterwards renders nothing.
+- ``tables`` tasks: one per chosen layer: the direct/expanded weights from each upstream
+  layer, the L2 ranking of the inputs (top-``k`` slices kept) and the NMF factors of each
+  neuron's weights — the data of the pages' connection sections.
+- ``examples`` tasks: one per chosen layer when a dataset is configured: the top dataset
+  images of every neuron.
+
+Every result file is written atomically, so an interrupted run leaves complete files or
+none, and a restarted run skips every task whose files exist (:meth:`AtlasPlan.pending`).
+:func:`estimate` times a short calibration render per layer and extrapolates the device time
+of the pending render tasks (``circuits atlas --dry-run``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .._io import PathLike, atomic_write_text, state_dict_hash
+from ..layers import capture, get_layer, layer_names, list_layers, run_until
+from ..models import input_shape as model_input_shape
+from ..models import preprocess_input
+from .store import ResultStore
+
+__all__ = [
+    "AtlasTask",
+    "AtlasPlan",
+    "PlanEstimate",
+    "make_plan",
+    "batch_size_for",
+    "cache_requests",
+    "cache_relpath",
+    "estimate",
+    "RENDER_OPTIONS",
+    "DATASETS",
+]
+
+#: Keyword arguments of :func:`circuits.featurevis.render` that a plan may set.
+RENDER_OPTIONS = ("steps", "size", "seed", "param", "decorrelate", "lr", "redirected_relu", "resize_to",
+                  "mixed_precision", "channels_last")
+#: Named datasets a plan can use for dataset examples (named, so that a Ray worker can load them).
+DATASETS = ("fashion-mnist-test", "fashion-mnist-train")
+TASK_KINDS = ("tables", "examples", "render")
+_TABLES_VERSION = 1
+_EXAMPLES_VERSION = 1
+
+#: Memory budget heuristic of :func:`batch_size_for`.
+CPU_BUDGET_BYTES = 2 * 1024**3
+CPU_MAX_BATCH = 64
+GPU_BUDGET_FRACTION = 0.5
+GPU_MAX_BATCH = 256
+
+
+@dataclass
+class AtlasTask:
+    """One unit of work.
+
+    Attributes:
+        id: unique, readable: ``"render-mixed3a-002"``, ``"tables-mixed3b"``.
+        kind: ``"render"``, ``"tables"`` or ``"examples"``.
+        layer: the layer it works on.
+        targets: ``"layer:channel"`` strings (the batch of a render task; a layer's neurons otherwise).
+        outputs: store-relative paths of the files the task writes; it is done when all exist.
+    """
+
+    id: str
+    kind: str
+    layer: str
+    targets: list[str]
+    outputs: list[str]
+
+    @property
+    def size(self) -> int:
+        """Number of neurons the task handles."""
+        return len(self.targets)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AtlasTask":
+        return cls(str(d["id"]), str(d["kind"]), str(d["layer"]), list(d["targets"]), list(d["outputs"]))
+
+
+@dataclass
+class AtlasPlan:
+    """Everything an engine needs to build an atlas (JSON round-trips with :meth:`to_json`).
+
+    ``neurons`` are the chosen neurons (full pages) per layer; ``upstream`` the layers whose
+    weights into each chosen layer are tabulated and shown; ``render`` the featurevis
+    settings (the keys of :data:`RENDER_OPTIONS`); ``batch_sizes`` the render batch per layer.
+    """
+
+    model_hash: str
+    model_class: str
+    device: str
+    layers: list[str]
+    neurons: dict[str, list[int]]
+    upstream: dict[str, list[str]]
+    render: dict[str, Any]
+    top_k: int
+    n_factors: int
+    factor_threshold: float
+    dataset: Optional[str]
+    dataset_size: int
+    n_examples: int
+    batch_sizes: dict[str, int]
+    tasks: list[AtlasTask] = field(default_factory=list)
+
+    # -- views
+    def tasks_of(self, kind: str) -> list[AtlasTask]:
+        """The tasks of one kind, in plan order."""
+        if kind not in TASK_KINDS:
+            raise ValueError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
+        return [t for t in self.tasks if t.kind == kind]
+
+    @property
+    def n_neurons(self) -> int:
+        """Chosen neurons (each gets a full page)."""
+        return sum(len(v) for v in self.neurons.values())
+
+    @property
+    def render_targets(self) -> list[str]:
+        """Every target a render task renders (chosen neurons and upstream channels)."""
+        return [t for task in self.tasks_of("render") for t in task.targets]
+
+    def task(self, task_id: str) -> AtlasTask:
+        for t in self.tasks:
+            if t.id == task_id:
+                return t
+        raise KeyError(f"no task {task_id!r} in the plan")
+
+    def pending(self, store: Union[ResultStore, str, PathLike]) -> list[AtlasTask]:
+        """Tasks with at least one output missing from ``store`` (what a run still has to do)."""
+        store = store if isinstance(store, ResultStore) else ResultStore(store)
+        present = store.existing([o for t in self.tasks for o in t.outputs])
+        return [t for t in self.tasks if not all(o in present for o in t.outputs)]
+
+    def missing_outputs(self, store: Union[ResultStore, str, PathLike]) -> list[str]:
+        """Output files not yet in ``store``."""
+        store = store if isinstance(store, ResultStore) else ResultStore(store)
+        outs = [o for t in self.tasks for o in t.outputs]
+        present = store.existing(outs)
+        return [o for o in outs if o not in present]
+
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex) of the plan: identical plans, identical fingerprints."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    # -- (de)serialisation
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tasks"] = [t.to_dict() for t in self.tasks]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AtlasPlan":
+        d = dict(d)
+        d["tasks"] = [AtlasTask.from_dict(t) for t in d.get("tasks", [])]
+        d["neurons"] = {k: [int(c) for c in v] for k, v in d["neurons"].items()}
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AtlasPlan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: PathLike) -> None:
+        """Write the plan as JSON (atomically)."""
+        atomic_write_text(path, self.to_json())
+
+    def summary(self, store: Union[None, ResultStore, str, PathLike] = None) -> str:
+        """A few lines for people: layers, neurons, tasks by kind, and what is already done."""
+        lines = [
+            f"atlas plan {self.fingerprint()} for {self.model_class} (weights {self.model_hash}) on {self.device}",
+            "  layers: " + ", ".join(f"{l} ({len(self.neurons[l])})" for l in self.layers)
+            + f" = {self.n_neurons} neurons",
+            f"  feature visualizations: {len(self.render_targets)} images "
+            f"({self.render.get('steps', 512)} steps, seed {self.render.get('seed', 0)}), batches "
+            + ", ".join(f"{l}:{b}" for l, b in self.batch_sizes.items()),
+            f"  dataset examples: {self.dataset or 'none'}"
+            + (f" (first {self.dataset_size} images, top {self.n_examples})" if self.dataset else ""),
+        ]
+        pend = {t.id for t in self.pending(store)} if store is not None else None
+        for kind in TASK_KINDS:
+            ts = self.tasks_of(kind)
+            if not ts:
+                continue
+            line = f"  {kind} tasks: {len(ts)}"
+            if pend is not None:
+                left = [t for t in ts if t.id in pend]
+                line += f" ({len(left)} to do, {len(ts) - len(left)} done)"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- featurevis cache keys
+
+
+def _render_request_base(model: nn.Module, render: Mapping[str, Any], device_type: str) -> tuple[dict, str]:
+    """The shared part of featurevis cache requests, exactly as :func:`circuits.featurevis.render` builds it.
+
+    Kept in step with ``render`` by ``tests/test_atlas.py`` (a render must write the files
+    predicted here)."""
+    import importlib
+
+    R = importlib.import_module("circuits.featurevis.render")  # the module (the package exports the function)
+
+    channels, in_h, in_w = model_input_shape(model)
+    size = render.get("size")
+    size_hw = R._pair(size, "size") if size is not None else (min(128, in_h), min(128, in_w))
+    resize_to = render.get("resize_to")
+    out_size = R._pair(resize_to, "resize_to") if resize_to is not None else (in_h, in_w)
+    tr = R._resolve_transforms(render.get("transforms"), size_hw)
+    rr = render.get("redirected_relu", True)
+    redirect_steps = R.REDIRECT_STEPS if rr is True else (0 if rr is False else int(rr))
+    _dev, dtype = R._model_device(model)
+    mhash = state_dict_hash(model)
+    base = {
+        "version": R._CACHE_VERSION,
+        "model": mhash,
+        "model_class": type(model).__name__,
+        "param": render.get("param", "fft"),
+        "decorrelate": bool(render.get("decorrelate", True)) and channels == 3,
+        "transforms": tr.to_dict(),
+        "steps": int(render.get("steps", 512)),
+        "size": list(size_hw),
+        "resize_to": list(out_size),
+        "lr": float(render.get("lr", 0.05)),
+        "redirect_steps": redirect_steps,
+        "mixed_precision": bool(render.get("mixed_precision", False)) and device_type == "cuda",
+        "dtype": str(dtype),
+    }
+    return base, mhash
+
+
+def cache_requests(model: nn.Module, targets: Sequence[str], render: Mapping[str, Any], device_type: str = "cpu") -> list[dict]:
+    """The featurevis cache request of each target (what :func:`~circuits.featurevis.render` stores)."""
+    from ..featurevis import as_objective, element_seed
+
+    base, _ = _render_request_base(model, render, device_type)
+    seed = int(render.get("seed", 0))
+    out = []
+    for t in targets:
+        key = as_objective(t).key
+        out.append(dict(base, objective=key, seed=element_seed(seed, key)))
+    return out
+
+
+def cache_relpath(request: Mapping[str, Any]) -> str:
+    """Store-relative path of a featurevis cache request (the :class:`FeatureVisCache` layout)."""
+    from ..featurevis import FeatureVisCache
+
+    k = FeatureVisCache.key(dict(request))
+    model = str(request.get("model", "model"))[:16] or "model"
+    return f"{model}/{k[:2]}/{k}.npz"
+
+
+def _task_relpath(kind: str, request: Mapping[str, Any]) -> str:
+    k = hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    return f"atlas-tasks/{kind}/{k[:2]}/{k}.npz"
+
+
+# ----------------------------------------------------------------------------- batch sizes
+
+
+def _channel_counts(model: nn.Module) -> dict[str, int]:
+    return {i.name: int(i.output_shape[0]) for i in list_layers(model, model_input_shape(model)) if i.output_shape}
+
+
+def _floats_per_image(model: nn.Module, layer: str, out_size: tuple[int, int]) -> int:
+    """Activation floats one image produces up to ``layer`` (every named layer's output + the input)."""
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    channels = model_input_shape(model)[0]
+    x = preprocess_input(model, torch.full((1, channels, *out_size), 0.5, device=dev, dtype=dtype))
+    with torch.no_grad(), capture(model, layer_names(model), detach=True) as acts:
+        run_until(model, x, [layer], detach=True)
+    return int(sum(v.numel() for v in acts.values()) + x.numel())
+
+
+def batch_size_for(model: nn.Module, layer: str, device: Union[str, torch.device, None] = None,
+                   render: Optional[Mapping[str, Any]] = None, free_bytes: Optional[int] = None) -> int:
+    """Render batch for ``layer`` from a simple memory heuristic.
+
+    One image costs ``floats × 4 bytes × 3`` (activations kept for the backward pass, their
+    gradients, workspace), where ``floats`` counts every named activation up to ``layer`` at
+    the model's input size (plus the image). The budget is :data:`GPU_BUDGET_FRACTION` of the
+    free GPU memory (capped at :data:`GPU_MAX_BATCH` images), or :data:`CPU_BUDGET_BYTES` on
+    the CPU (capped at :data:`CPU_MAX_BATCH`; bigger CPU batches are not faster per image).
+    ``free_bytes`` overrides the measured free memory (e.g. a cluster's GPUs seen from a
+    driver without one).
+    """
+    render = dict(render or {})
+    _c, in_h, in_w = model_input_shape(model)
+    rt = render.get("resize_to")
+    out_size = (int(rt), int(rt)) if isinstance(rt, int) else (tuple(rt) if rt else (in_h, in_w))  # type: ignore[arg-type]
+    floats = _floats_per_image(model, layer, out_size)  # type: ignore[arg-type]
+    per_image = floats * 4 * 3
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        if free_bytes is None:
+            free_bytes, _ = torch.cuda.mem_get_info(dev)
+        budget, cap = free_bytes * GPU_BUDGET_FRACTION, GPU_MAX_BATCH
+    else:
+        budget, cap = (free_bytes if free_bytes is not None else CPU_BUDGET_BYTES), CPU_MAX_BATCH
+    return int(max(1, min(cap, budget // max(per_image, 1))))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _resolve_dataset(model: nn.Module, dataset: Union[None, bool, str]) -> Optional[str]:
+    if dataset is None or dataset is False:
+        return None
+    if dataset is True or dataset == "auto":
+        if tuple(model_input_shape(model)) != (1, 28, 28):
+            return None
+        from ..datasets import DatasetNotFoundError, fashion_mnist_dir
+
+        try:
+            fashion_mnist_dir()
+        except DatasetNotFoundError:
+            return None
+        return "fashion-mnist-test"
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be 'auto', None or one of {DATASETS}; got {dataset!r}")
+    return str(dataset)
+
+
+def load_dataset(name: str, size: int) -> torch.Tensor:
+    """Images ``[size, C, H, W]`` in ``[0, 1]`` of a named dataset (:data:`DATASETS`)."""
+    from ..datasets import load_fashion_mnist
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {DATASETS}")
+    images, _ = load_fashion_mnist(name.rsplit("-", 1)[-1])
+    return images[:size]
+
+
+def make_plan(
+    model: nn.Module,
+    layers: Optional[Sequence[str]] = None,
+    *,
+    neurons: Union[None, int, Sequence[str], Mapping[str, Sequence[int]]] = None,
+    upstream: Optional[Mapping[str, Sequence[str]]] = None,
+    upstream_renders: str = "all",
+    steps: int = 512,
+    seed: int = 0,
+    render: Optional[Mapping[str, Any]] = None,
+    batch_size: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    device_free_bytes: Optional[int] = None,
+    top_k: int = 50,
+    n_factors: int = 3,
+    factor_threshold: float = 0.8,
+    dataset: Union[None, bool, str] = "auto",
+    dataset_size: int = 2000,
+    n_examples: int = 8,
+) -> AtlasPlan:
+    """Plan the atlas of ``layers`` (default: the mixed blocks the pages use, e.g.
+    ``mixed3a, mixed3b, mixed4a``; every channel unless ``neurons`` picks some).
+
+    Args:
+        model: the model (its weights' hash keys every result).
+        layers: layers whose neurons get full pages.
+        neurons: a subset, as :func:`circuits.figures.pages.select_neurons` takes it.
+        upstream: ``{layer: [upstream layers]}`` (default: previous block + the block's bottlenecks).
+        upstream_renders: ``"all"``: render every channel of every upstream layer too (the
+            pages then render nothing); ``"none"``: only the chosen neurons.
+        steps, seed: feature-visualization steps and base seed.
+        render: other :func:`circuits.featurevis.render` settings (:data:`RENDER_OPTIONS`).
+        batch_size: images per render task (default: :func:`batch_size_for` per layer).
+        device: the device the tasks render on (default: the model's).
+        device_free_bytes: memory to plan batches for, instead of measuring it here.
+        top_k: connections kept per upstream layer and neuron (and shown on the pages).
+        n_factors, factor_threshold: NMF factors per table; order by factor above this fraction.
+        dataset: ``"auto"`` (Fashion-MNIST test for 1×28×28 models when installed), ``None``
+            or ``False`` (no dataset examples), or a name from :data:`DATASETS`.
+        dataset_size, n_examples: images scanned; top images kept per neuron.
+    """
+    from ..figures.pages import default_upstream, interesting_layers, select_neurons
+
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if upstream_renders not in ("all", "none"):
+        raise ValueError(f"upstream_renders must be 'all' or 'none', got {upstream_renders!r}")
+    if not 0.0 <= factor_threshold <= 1.0:
+        raise ValueError(f"factor_threshold is a fraction in [0, 1], got {factor_threshold!r}")
+    render_opts = dict(render or {})
+    bad = sorted(set(render_opts) - set(RENDER_OPTIONS))
+    if bad:
+        raise ValueError(f"unknown render option(s) {bad}; known: {list(RENDER_OPTIONS)}")
+    render_opts.update(steps=int(steps), seed=int(seed))
+
+    layers = list(layers) if layers else interesting_layers(model)
+    for layer in layers:
+        get_layer(model, layer)  # UnknownLayerError with close matches
+    counts = _channel_counts(model)
+    chosen = select_neurons(counts if all(l in counts for l in layers) else model, layers, neurons)
+    layers = list(chosen)
+    ups = {l: list(upstream[l]) if upstream and l in upstream else default_upstream(model, l) for l in layers}
+    for us in ups.values():
+        for u in us:
+            get_layer(model, u)
+            if u not in counts:
+                raise ValueError(f"upstream layer {u!r} has no channel axis")
+
+    p = next(model.parameters(), None)
+    mdev = p.device if p is not None else torch.device("cpu")
+    dev = torch.device(device) if device is not None else mdev
+    dataset_name = _resolve_dataset(model, dataset)
+    mhash = state_dict_hash(model)
+
+    # what to render, per layer (chosen layers first, then upstream ones in model order)
+    render_sets: dict[str, set[int]] = {l: set(chs) for l, chs in chosen.items()}
+    if upstream_renders == "all":
+        for us in ups.values():
+            for u in us:
+                render_sets.setdefault(u, set()).update(range(counts[u]))
+    order = [n for n in layer_names(model) if n in render_sets]
+
+    batch_sizes: dict[str, int] = {}
+    for l in order:
+        if batch_size is not None:
+            batch_sizes[l] = batch_size
+        elif dev.type == "cuda" and device_free_bytes is None and not torch.cuda.is_available():
+            batch_sizes[l] = CPU_MAX_BATCH  # planning for GPUs this machine does not have
+        else:
+            batch_sizes[l] = batch_size_for(model, l, dev, render_opts, device_free_bytes)
+
+    tasks: list[AtlasTask] = []
+    base_req = {"model": mhash, "model_class": type(model).__name__}
+    for l in layers:
+        req = dict(base_req, kind="tables", version=_TABLES_VERSION, layer=l, channels=chosen[l], upstream=ups[l],
+                   top_k=top_k, n_factors=n_factors)
+        tasks.append(AtlasTask(f"tables-{l}", "tables", l, [f"{l}:{c}" for c in chosen[l]], [_task_relpath("tables", req)]))
+    if dataset_name is not None:
+        for l in layers:
+            req = dict(base_req, kind="examples", version=_EXAMPLES_VERSION, layer=l, channels=chosen[l],
+                       dataset=dataset_name, dataset_size=dataset_size, k=n_examples)
+            tasks.append(AtlasTask(f"examples-{l}", "examples", l, [f"{l}:{c}" for c in chosen[l]],
+                                   [_task_relpath("examples", req)]))
+    for l in order:
+        targets = [f"{l}:{c}" for c in sorted(render_sets[l])]
+        paths = [cache_relpath(r) for r in cache_requests(model, targets, render_opts, dev.type)]
+        bs = batch_sizes[l]
+        width = max(3, len(str(max(0, math.ceil(len(targets) / bs) - 1))))
+        for j in range(0, len(targets), bs):
+            tasks.append(AtlasTask(f"render-{l}-{j // bs:0{width}d}", "render", l, targets[j:j + bs], paths[j:j + bs]))
+
+    return AtlasPlan(
+        model_hash=mhash, model_class=type(model).__name__, device=str(dev), layers=layers,
+        neurons={l: list(chs) for l, chs in chosen.items()}, upstream=ups, render=render_opts,
+        top_k=top_k, n_factors=n_factors, factor_threshold=float(factor_threshold), dataset=dataset_name,
+        dataset_size=int(dataset_size), n_examples=int(n_examples), batch_sizes=batch_sizes, tasks=tasks,
+    )
+
+
+# ----------------------------------------------------------------------------- dry run
+
+
+@dataclass
+class PlanEstimate:
+    """What ``--dry-run`` prints.
+
+    Attributes:
+        tasks: number of tasks per kind; ``pending``: still to do per kind.
+        renders_pending: images still to render.
+        seconds_per_step: calibrated seconds of one optimisation step of one full batch, per layer.
+        overhead_seconds: calibrated fixed seconds per render task (setup, final evaluation), per layer.
+        render_seconds: estimated device time of the pending render tasks (one device).
+        calibration_seconds: wall time the calibration took.
+    """
+
+    tasks: dict[str, int]
+    pending: dict[str, int]
+    renders_pending: int
+    seconds_per_step: dict[str, float]
+    overhead_seconds: dict[str, float]
+    render_seconds: float
+    calibration_seconds: float
+
+    def __str__(self) -> str:
+        lines = ["tasks: " + ", ".join(f"{k} {v} ({self.pending.get(k, 0)} to do)" for k, v in self.tasks.items())]
+        lines.append(f"images to render: {self.renders_pending}")
+        for l, s in self.seconds_per_step.items():
+            lines.append(f"  {l}: {s * 1e3:.1f} ms per step per batch, {self.overhead_seconds[l]:.2f} s per task overhead")
+        lines.append(
+            f"estimated render device time: {_hms(self.render_seconds)} on one device "
+            f"(divide by the number of GPUs/workers; calibration took {self.calibration_seconds:.1f} s; "
+            "weights/NMF tables and dataset examples are not included: seconds per layer)"
+        )
+        return "\n".join(lines)
+
+
+def _hms(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def estimate(
+    plan: AtlasPlan,
+    model: nn.Module,
+    store: Union[None, ResultStore, str, PathLike] = None,
+    calibration_steps: tuple[int, int] = (1, 3),
+    max_calibration_batch: Optional[int] = 16,
+    progress: bool = False,
+) -> PlanEstimate:
+    """Time a short calibration render per layer and extrapolate the pending render tasks.
+
+    For each layer with pending renders, ``render`` runs twice without the cache on a batch of
+    that layer's targets, for ``calibration_steps = (a, b)`` steps; the difference gives the
+    seconds per step, the rest the fixed cost per task. On the CPU the batch is capped at
+    ``max_calibration_batch`` and the times scaled linearly to the task's batch (CPU time is
+    close to linear in the batch); on a GPU the full task batch is timed.
+    """
+    from ..featurevis import render
+
+    a, b = calibration_steps
+    if not (0 <= a < b):
+        raise ValueError(f"calibration_steps must be (a, b) with 0 <= a < b, got {calibration_steps!r}")
+    pending = plan.pending(store) if store is not None else list(plan.tasks)
+    pend_ids = {t.id for t in pending}
+    tasks = {k: len(plan.tasks_of(k)) for k in TASK_KINDS if plan.tasks_of(k)}
+    pend = {k: sum(1 for t in plan.tasks_of(k) if t.id in pend_ids) for k in tasks}
+    pend_render = [t for t in pending if t.kind == "render"]
+    opts = {k: v for k, v in plan.render.items() if k not in ("steps",)}
+    per_step: dict[str, float] = {}
+    overhead: dict[str, float] = {}
+    total = 0.0
+    t_start = time.perf_counter()
+    is_cuda = torch.device(plan.device).type == "cuda"
+    for layer in dict.fromkeys(t.layer for t in pend_render):
+        first = next(t for t in pend_render if t.layer == layer)
+        full = plan.batch_sizes[layer]
+        nb = full if (is_cuda or max_calibration_batch is None) else min(full, max_calibration_batch)
+        targets = (first.targets * math.ceil(nb / len(first.targets)))[:nb]
+        times = []
+        for s in (a, b):
+            if is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            render(model, targets, steps=s, cache=None, batch_size=nb, progress=False, **opts)
+            if is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        scale = full / nb
+        step = max(0.0, (times[1] - times[0]) / (b - a)) * scale
+        fixed = max(0.0, times[0] - a * step / scale) * scale
+        per_step[layer], overhead[layer] = step, fixed
+        for t in pend_render:
+            if t.layer == layer:
+                total += (fixed + step * plan.render.get("steps", 512)) * (t.size / full)
+    return PlanEstimate(tasks, pend, sum(t.size for t in pend_render), per_step, overhead, total,
+                        time.perf_counter() - t_start)

@@ -1,0 +1,216 @@
+"""Running one atlas task: the function every engine calls (in-process or on a Ray worker).
+
+:func:`run_task` does one :class:`~circuits.atlas.plan.AtlasTask` and writes its results to
+the store atomically; it is idempotent (a render task renders only the images that are not
+in the store yet), so a retried or restarted task never redoes finished work.
+
+Test hook (documented, off unless asked for): ``fail_once`` (or the environment variable
+``CIRCUITS_ATLAS_FAIL_ONCE``, read by the engines) is ``"DIR"``, ``"DIR::GLOB[,GLOB...]"`` or
+``"DIR::GLOB::exit"``. The first attempt of each task whose id matches a glob (default all)
+creates ``DIR/<task id>.failed`` and then raises :class:`InjectedFailure` (or, with ``exit``,
+kills its process as a crashed worker would); later attempts find the marker and run
+normally. It exists so that tests can prove retries and resumption.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .plan import AtlasPlan, AtlasTask, load_dataset
+from .store import ResultStore
+
+__all__ = ["run_task", "InjectedFailure", "FAIL_ONCE_ENV", "read_tables", "read_examples", "fail_once_from_env"]
+
+FAIL_ONCE_ENV = "CIRCUITS_ATLAS_FAIL_ONCE"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the ``fail_once`` test hook on a task's first attempt."""
+
+
+def fail_once_from_env() -> Optional[str]:
+    """The ``CIRCUITS_ATLAS_FAIL_ONCE`` test hook setting, or ``None``."""
+    return os.environ.get(FAIL_ONCE_ENV) or None
+
+
+def _maybe_fail(task_id: str, spec: Optional[str]) -> None:
+    if not spec:
+        return
+    parts = spec.split("::")
+    folder = Path(parts[0])
+    globs = parts[1].split(",") if len(parts) > 1 and parts[1] else ["*"]
+    mode = parts[2] if len(parts) > 2 else "raise"
+    if not any(fnmatch.fnmatchcase(task_id, g) for g in globs):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(folder / f"{task_id}.failed", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # already failed once: run normally
+    os.write(fd, f"{os.getpid()} {time.time()}\n".encode())
+    os.close(fd)
+    if mode == "exit":
+        os._exit(1)  # a crashed worker
+    raise InjectedFailure(f"injected failure of task {task_id} (test hook {FAIL_ONCE_ENV})")
+
+
+def _npz_bytes(**arrays: Any) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _load_npz(store: ResultStore, rel: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(store.read_bytes(rel)), allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+# ----------------------------------------------------------------------------- render
+
+
+def _render_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: ResultStore) -> int:
+    from ..featurevis import FeatureVisCache, render
+
+    opts = dict(plan.render)
+    if store.is_local:
+        res = render(model, task.targets, cache=FeatureVisCache(store.local_root), batch_size=len(task.targets),
+                     progress=False, **opts)
+        rendered = sum(1 for f in res.from_cache if not f)
+    else:
+        with tempfile.TemporaryDirectory(prefix="circuits-atlas-") as tmp:
+            present = store.existing(task.outputs)
+            for rel in present:  # finished images of a retried task are not rendered again
+                store.download(rel, Path(tmp) / rel)
+            res = render(model, task.targets, cache=FeatureVisCache(tmp), batch_size=len(task.targets),
+                         progress=False, **opts)
+            rendered = sum(1 for f in res.from_cache if not f)
+            for rel in task.outputs:
+                if rel not in present:
+                    if not (Path(tmp) / rel).is_file():
+                        raise RuntimeError(_LAYOUT_ERROR.format(rel=rel))
+                    store.upload_file(Path(tmp) / rel, rel)
+    missing = [rel for rel in task.outputs if not store.exists(rel)]
+    if missing:
+        raise RuntimeError(_LAYOUT_ERROR.format(rel=missing[0]))
+    return rendered
+
+
+_LAYOUT_ERROR = (
+    "the render did not write the predicted cache file {rel}: circuits.featurevis changed its cache "
+    "request format; update circuits.atlas.plan._render_request_base to match"
+)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _tables_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: ResultStore) -> None:
+    from ..figures.pages import _sections_for_layer
+
+    channels = plan.neurons[task.layer]
+    sections = _sections_for_layer(model, task.layer, channels, plan.upstream[task.layer], plan.top_k,
+                                   plan.factor_threshold, plan.n_factors)
+    meta, arrays = [], {}
+    i = 0
+    for c in channels:
+        for sec in sections.get(c, []):
+            meta.append({
+                "channel": int(c), "upstream": sec.upstream, "kind": sec.kind, "n_inputs": int(sec.n_inputs),
+                "limit": float(sec.limit), "explained": None if sec.explained is None else float(sec.explained),
+                "by_factor": bool(sec.by_factor), "note": sec.note, "has_rgb": sec.rgb is not None,
+                "has_factors": sec.factors is not None,
+            })
+            arrays[f"{i}.channels"] = np.asarray(sec.channels, dtype=np.int64)
+            arrays[f"{i}.slices"] = np.asarray(sec.slices, dtype=np.float32)
+            arrays[f"{i}.norms"] = np.asarray(sec.norms, dtype=np.float32)
+            if sec.rgb is not None:
+                arrays[f"{i}.rgb"] = np.asarray(sec.rgb, dtype=np.float32)
+            if sec.factors is not None:
+                arrays[f"{i}.factors"] = np.asarray(sec.factors, dtype=np.int64)
+            i += 1
+    store.write_bytes(task.outputs[0], _npz_bytes(meta=np.array(json.dumps(meta)), layer=np.array(task.layer), **arrays))
+
+
+def read_tables(store: ResultStore, plan: AtlasPlan, layer: str) -> dict[int, list[Any]]:
+    """``{channel: [NeuronConnections, ...]}`` of a finished ``tables`` task: for each chosen
+    neuron of ``layer`` and each upstream layer that reaches it, the top-``k`` inputs by L2
+    (display order), their weight slices ``[k, kh, kw]``, norms, NMF factors and how much of
+    the weights the factors explain (see :class:`circuits.figures.pages.NeuronConnections`)."""
+    from ..figures.pages import NeuronConnections
+
+    task = plan.task(f"tables-{layer}")
+    data = _load_npz(store, task.outputs[0])
+    out: dict[int, list[NeuronConnections]] = {c: [] for c in plan.neurons[layer]}
+    for i, m in enumerate(json.loads(str(data["meta"]))):
+        sec = NeuronConnections(
+            upstream=m["upstream"], kind=m["kind"], n_inputs=m["n_inputs"],
+            channels=[int(x) for x in data[f"{i}.channels"]], slices=data[f"{i}.slices"].astype(np.float64),
+            norms=data[f"{i}.norms"].astype(np.float64), limit=m["limit"],
+            factors=[int(x) for x in data[f"{i}.factors"]] if m["has_factors"] else None,
+            explained=m["explained"], by_factor=m["by_factor"],
+            rgb=data[f"{i}.rgb"] if m["has_rgb"] else None, note=m["note"],
+        )
+        out.setdefault(int(m["channel"]), []).append(sec)
+    return out
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def _examples_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: ResultStore) -> None:
+    from ..featurevis import dataset_examples
+
+    if plan.dataset is None:
+        raise ValueError("the plan has no dataset; examples tasks need one")
+    data = load_dataset(plan.dataset, plan.dataset_size)
+    found = dataset_examples(model, task.targets, data, k=plan.n_examples, progress=False)
+    idx = np.stack([found[t].indices.cpu().numpy() for t in task.targets]).astype(np.int64)
+    vals = np.stack([found[t].values.cpu().numpy() for t in task.targets]).astype(np.float32)
+    store.write_bytes(task.outputs[0], _npz_bytes(targets=np.array(task.targets), indices=idx, values=vals))
+
+
+def read_examples(store: ResultStore, plan: AtlasPlan, layer: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{target: (indices [k], values [k])}``: the top dataset images of ``layer``'s chosen neurons."""
+    task = plan.task(f"examples-{layer}")
+    data = _load_npz(store, task.outputs[0])
+    return {str(t): (data["indices"][i], data["values"][i]) for i, t in enumerate(data["targets"])}
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def run_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: ResultStore,
+             fail_once: Optional[str] = None) -> dict[str, Any]:
+    """Do ``task`` with ``model`` (already on its device) and write its results to ``store``.
+
+    Returns ``{"id", "kind", "rendered" (images optimised, 0 for other kinds), "seconds", "pid"}``.
+    """
+    t0 = time.perf_counter()
+    _maybe_fail(task.id, fail_once)
+    rendered = 0
+    if task.kind == "render":
+        rendered = _render_task(model, plan, task, store)
+    elif task.kind == "tables":
+        _tables_task(model, plan, task, store)
+    elif task.kind == "examples":
+        _examples_task(model, plan, task, store)
+    else:
+        raise ValueError(f"unknown task kind {task.kind!r}")
+    return {"id": task.id, "kind": task.kind, "rendered": rendered, "seconds": time.perf_counter() - t0,
+            "pid": os.getpid()}
+
+
+def model_on(model: nn.Module, device: str) -> nn.Module:
+    """``model`` in eval mode on ``device`` (moved in place)."""
+    return model.to(torch.device(device)).eval()
