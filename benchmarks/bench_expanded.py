@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     c0 = time.process_time()
     ours_cold()
     ours_cpu = time.process_time() - c0
-    print(f"CPU time: peer (extrapolated) {peer_cpu:.2f} s, ours cold {ours_cpu:.3f} s, ratio x{peer_cpu / ours_cpu:.1f}")
+    print(
+        f"CPU time: peer (extrapolated) {peer_cpu:.2f} s, ours cold {ours_cpu:.3f} s, "
+        f"ratio x{peer_cpu / ours_cpu:.1f}"
+    )
     print(f"machine: {machine()}")
     print(
         f"peer: forward {fwd_s:.3f} s + {len(subset)}-channel loop {loop_s:.3f} s, extrapolated "

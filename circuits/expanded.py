@@ -302,7 +302,8 @@ class _LinearizeMode(TorchFunctionMode):
             return self._dispatch(name, func, args, kwargs)
         if not any(self.is_derived(t) for t in _tensors(args) + _tensors(tuple(kwargs.values()))):
             return self._dispatch(name, func, args, kwargs)
-        if name == "conv2d":
+        b = _bind(("input", "weight"), args, kwargs) if name == "conv2d" else {}
+        if name == "conv2d" and self.is_derived(b["input"]) and not self.is_derived(b["weight"]):
             out = _lazy_conv2d(args, kwargs)
             if out is None:
                 out = self._dispatch(name, func, args, kwargs)
@@ -333,7 +334,8 @@ class _LinearizeMode(TorchFunctionMode):
                 return out
         if name in _TRAIN_ONLY:
             idx = _TRAIN_ONLY[name]
-            training = kwargs.get("training", kwargs.get("train", args[idx] if len(args) > idx else name != "batch_norm"))
+            default = args[idx] if len(args) > idx else name != "batch_norm"
+            training = kwargs.get("training", kwargs.get("train", default))
             p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
             if training and (name == "batch_norm" or p != 0):
                 raise self._unsupported(name, "it runs in training mode (call model.eval() first)")
@@ -698,7 +700,8 @@ def expanded_weights(
     back-propagated once. The input size is the smallest that gives the same result as
     ``input_shape`` (``(C, H, W)``, default the model's ``input_shape``); see the module docs.
 
-    Memory is about ``batch_size`` × the activations between the two layers at that size.
+    Memory is about ``batch_size`` × the activations between the two layers at that size;
+    ``progress=True`` shows a tqdm bar over the chunks.
 
     Raises:
         UnknownLayerError: a layer name the model does not have.
@@ -717,7 +720,8 @@ def expanded_weights(
     y, xpos = geo.centre
     wy0, wx0, kh, kw = geo.window
     chunks = [chans[i : i + batch_size] for i in range(0, len(chans), batch_size)]
-    iterator = tqdm(chunks, desc=f"expanded weights {from_layer}→{to_layer}", disable=not progress or len(chunks) < 2)
+    desc = f"expanded weights {from_layer}→{to_layer}"
+    iterator = tqdm(chunks, desc=desc, disable=not progress or len(chunks) < 2)
 
     def compute(chunk: list[int], lazy: bool) -> torch.Tensor:
         n = len(chunk)
@@ -774,7 +778,9 @@ _ELEMENTWISE = (
 )
 
 
-def _direct_conv(model: nn.Module, from_layer: str, to_layer: str, input_shape: tuple[int, int, int]) -> nn.Conv2d | None:
+def _direct_conv(
+    model: nn.Module, from_layer: str, to_layer: str, input_shape: tuple[int, int, int]
+) -> nn.Conv2d | None:
     """The conv whose input *is* from_layer's output and whose output is to_layer (itself,
     or through one elementwise activation module), traced with forward hooks; else None."""
     from_module, to_module = get_layer(model, from_layer), get_layer(model, to_layer)

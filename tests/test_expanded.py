@@ -225,7 +225,9 @@ def test_linear_conv_chain_equals_analytic_composition(kernels, channels, seed, 
 def test_bottleneck_into_3x3_is_kernel_contraction():
     torch.manual_seed(3)
     model = nn.Sequential(
-        OrderedDict(x=nn.Identity(), reduce=nn.Conv2d(6, 4, 1), relu=nn.ReLU(), conv=nn.Conv2d(4, 5, 3, padding=1), out=nn.ReLU())
+        OrderedDict(
+            x=nn.Identity(), reduce=nn.Conv2d(6, 4, 1), relu=nn.ReLU(), conv=nn.Conv2d(4, 5, 3, padding=1), out=nn.ReLU()
+        )
     ).eval()
     E = expanded_weights(model, "x", "out", input_shape=(6, 12, 12))
     golden = torch.einsum("omyx,mi->oiyx", model.conv.weight.double(), model.reduce.weight[:, :, 0, 0].double())
@@ -277,7 +279,9 @@ def test_inception_batched_equals_per_channel_loop(inception_model):
     assert E.shape == loop.shape == (480, 256, 5, 5)
     assert float((E - loop).abs().max()) <= 1e-5 * float(loop.abs().max())
     # channel subsets and chunking give the same rows
-    sub = expanded_weights(inception_model, "mixed3a", "mixed3b", channels=[479, 0, 200], input_shape=(3, 96, 96), batch_size=2)
+    sub = expanded_weights(
+        inception_model, "mixed3a", "mixed3b", channels=[479, 0, 200], input_shape=(3, 96, 96), batch_size=2
+    )
     assert torch.allclose(sub, E[[479, 0, 200]], atol=1e-6)
 
 
