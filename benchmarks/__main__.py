@@ -1,4 +1,7 @@
-"""Run benchmarks: ``python -m benchmarks`` (all) or ``python -m benchmarks truncated nmf``."""
+"""Run benchmarks: ``python -m benchmarks`` (all) or ``python -m benchmarks truncated nmf``.
+
+Options after the names (``--threads 1``, ``--steps 32``...) are passed to every chosen
+benchmark: ``python -m benchmarks expanded --threads 1``."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from .common import machine
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    first_option = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    argv, options = argv[:first_option], argv[first_option:]
     here = Path(__file__).parent
     available = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
     chosen = argv or available
@@ -22,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     for name in chosen:
         print(f"== {name} ==", flush=True)
-        importlib.import_module(f"benchmarks.bench_{name}").main([])
+        importlib.import_module(f"benchmarks.bench_{name}").main(options)
     return 0
 
 
