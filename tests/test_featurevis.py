@@ -365,3 +365,59 @@ def test_dataset_examples_running_topk(fashion: nn.Module) -> None:
     assert torch.equal(ex2["logits:4"].indices, ex["logits:4"].indices[:3])
     with pytest.raises(ValueError, match="valid: 0..9"):
         dataset_examples(fashion, "logits:11", data, progress=False)
+
+
+# --- acceptance on the trained Fashion-MNIST model --------------------------------------
+
+ACCEPT_TARGETS = [f"logits:{i}" for i in range(10)] + [f"mixed4a:{i}" for i in range(16)]
+
+
+def _trained_model() -> nn.Module:
+    from circuits.models import FASHION_WEIGHTS, load_model
+
+    if not FASHION_WEIGHTS.is_file():
+        pytest.skip("the trained Fashion-MNIST checkpoint is not there yet")
+    return load_model()
+
+
+@pytest.mark.slow
+def test_rendered_images_beat_every_test_image() -> None:
+    """For the 10 logits and 16 mixed4a channels, the rendered image activates its target more
+    than every one of the 10k Fashion-MNIST test images does (same objective)."""
+    from circuits.datasets import load_fashion_mnist
+
+    model = _trained_model()
+    images, _ = load_fashion_mnist("test")
+    best = objective_values(model, ACCEPT_TARGETS, images, batch_size=1000).max(dim=1).values
+    result = render(model, ACCEPT_TARGETS, steps=ACCEPT_STEPS, lr=ACCEPT_LR, transforms=ACCEPT_TRANSFORMS, progress=False)
+    again = objective_values(model, ACCEPT_TARGETS, result.images).diagonal()
+    torch.testing.assert_close(again, result.objective_values, atol=1e-4, rtol=1e-4)
+    beaten = result.objective_values > best
+    assert beaten.all(), [(t, float(v), float(b)) for t, v, b, ok in zip(ACCEPT_TARGETS, result.objective_values, best, beaten) if not ok]
+
+
+# Light transforms and a larger step size for 28 px grayscale images and a small budget.
+ACCEPT_STEPS = 128
+ACCEPT_LR = 0.2
+ACCEPT_TRANSFORMS = Transforms(pad=2, jitter=2, scales=(0.95, 1.0, 1.05), angles=(-5.0, 0.0, 5.0), jitter2=1)
+
+
+# --- against Lucent (slow) --------------------------------------------------------------
+
+@pytest.mark.slow
+def test_reaches_at_least_lucents_activation() -> None:
+    """Random-init InceptionV1, 16 mixed4a channels, 128 steps at 64 px (both models see 64 px;
+    Lucid's transforms in both): our median activation >= Lucent's ``render_vis`` median
+    (Lucent batched: the same optimisation as one ``render_vis`` per neuron, with shared
+    transforms, and affordable on a CPU)."""
+    pytest.importorskip("lucent")
+    bench = importlib.import_module("benchmarks.bench_featurevis")
+    ours_model, lucent_model = bench.models()
+    chans = list(range(16))
+    targets = [f"mixed4a:{c}" for c in chans]
+    ours = render(ours_model, targets, steps=128, size=64, resize_to=64, transforms="lucid", progress=False)
+    theirs = bench.lucent_batched(lucent_model, "mixed4a", chans, 128, 64, fixed_image_size=64)
+    a_ours = bench.activations(ours_model, targets, ours.images, 64)
+    a_theirs = bench.activations(ours_model, targets, theirs, 64)
+    torch.testing.assert_close(a_ours, ours.objective_values, atol=1e-3, rtol=1e-3)
+    assert a_ours.median() >= a_theirs.median(), (a_ours, a_theirs)

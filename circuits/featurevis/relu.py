@@ -44,9 +44,11 @@ class RedirectedReLUFunction(torch.autograd.Function):
         relu_grad = grad.masked_fill(off, 0)
         if x.ndim < 2:
             return relu_grad
+        alive = relu_grad.flatten(1).ne(0).any(1)
+        if bool(alive.all()):  # the common case: every element gets an ordinary gradient
+            return relu_grad
         redirected = grad.masked_fill(off & (grad > 0), 0)
-        alive = relu_grad.flatten(1).ne(0).any(1).view(-1, *([1] * (x.ndim - 1)))
-        return torch.where(alive, relu_grad, redirected)
+        return torch.where(alive.view(-1, *([1] * (x.ndim - 1))), relu_grad, redirected)
 
 
 _RELUS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
