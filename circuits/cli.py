@@ -9,6 +9,7 @@
     circuits nmf mixed3b --from mixed3a --channels 0-15
     circuits expand mixed3a mixed3b --channels 60 --top 10 --out e.npz
     circuits inspect fashion-inception
+    circuits atlas --out atlas/          # every neuron's page for whole layers (resumable, Ray)
     circuits run configs/explore_fashion.yaml
 
 Common options: ``--model`` (a name, or a weights file whose architecture is recognised),
@@ -635,6 +636,14 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         p = add_inspect_subcommand(sub)
         p.set_defaults(raw_handler=run_inspect_command)
+
+    try:
+        from .atlas.cli import add_atlas_subcommand, run_atlas_command
+    except ImportError:  # pragma: no cover - optional part of the package
+        pass
+    else:
+        p = add_atlas_subcommand(sub)
+        p.set_defaults(raw_handler=run_atlas_command)
 
     p = sub.add_parser("run", help=_COMMANDS["run"], description=_COMMANDS["run"])
     p.add_argument("config", help="YAML file with a 'command:' key and that command's arguments "

@@ -704,6 +704,8 @@ def build_pages(
 
     # 4. images
     site = _Site(out, _css(), full, known)
+    tr = _trace(model)
+    branch_map = {layer: concat_branches(model, layer, tr) for layer in known}
     save_png(colorbar_rgb(), out / "img/colorbar.png")
     has_vis = set(vis)
     for name, image in tqdm(vis.items(), desc="images", disable=not progress, leave=False):
@@ -729,6 +731,10 @@ def build_pages(
         for c in sorted(chs):
             key = f"{layer}:{c}"
             body = [_crumbs(layer, c), f"<h1>{_e(key)}</h1>"]
+            for branch, first, n in branch_map.get(layer) or []:
+                if first <= c < first + n:
+                    body.append(f"<p class=\"muted\">Channel {c - first} of branch <code>{_e(branch)}</code> "
+                                f"(channels {first}–{first + n - 1} of {_e(layer)}).</p>")
             body.append(_hero(site, layer, c, vis_caption, examples.get(key), key in has_vis, dataset_name or ""))
             if c in full.get(layer, []):
                 secs = sections.get((layer, c), [])
