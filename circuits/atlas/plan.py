@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .._io import PathLike, atomic_write_text, state_dict_hash
 from ..layers import capture, get_layer, layer_names, list_layers, run_until
@@ -493,8 +494,7 @@ class PlanEstimate:
     Attributes:
         tasks: number of tasks per kind; ``pending``: still to do per kind.
         renders_pending: images still to render.
-        seconds_per_step: calibrated seconds of one optimisation step of one full batch, per layer.
-        overhead_seconds: calibrated fixed seconds per render task (setup, final evaluation), per layer.
+        seconds_per_step: calibrated seconds of one optimisation step of one full task batch, per layer.
         render_seconds: estimated device time of the pending render tasks (one device).
         calibration_seconds: wall time the calibration took.
     """
@@ -503,7 +503,6 @@ class PlanEstimate:
     pending: dict[str, int]
     renders_pending: int
     seconds_per_step: dict[str, float]
-    overhead_seconds: dict[str, float]
     render_seconds: float
     calibration_seconds: float
 
@@ -511,7 +510,7 @@ class PlanEstimate:
         lines = ["tasks: " + ", ".join(f"{k} {v} ({self.pending.get(k, 0)} to do)" for k, v in self.tasks.items())]
         lines.append(f"images to render: {self.renders_pending}")
         for l, s in self.seconds_per_step.items():
-            lines.append(f"  {l}: {s * 1e3:.1f} ms per step per batch, {self.overhead_seconds[l]:.2f} s per task overhead")
+            lines.append(f"  {l}: {s * 1e3:.1f} ms per step per batch")
         lines.append(
             f"estimated render device time: {_hms(self.render_seconds)} on one device "
             f"(divide by the number of GPUs/workers; calibration took {self.calibration_seconds:.1f} s; "
@@ -529,23 +528,23 @@ def estimate(
     plan: AtlasPlan,
     model: nn.Module,
     store: Union[None, ResultStore, str, PathLike] = None,
-    calibration_steps: tuple[int, int] = (1, 3),
+    calibration_steps: int = 3,
     max_calibration_batch: Optional[int] = 16,
     progress: bool = False,
 ) -> PlanEstimate:
     """Time a short calibration render per layer and extrapolate the pending render tasks.
 
-    For each layer with pending renders, ``render`` runs twice without the cache on a batch of
-    that layer's targets, for ``calibration_steps = (a, b)`` steps; the difference gives the
-    seconds per step, the rest the fixed cost per task. On the CPU the batch is capped at
-    ``max_calibration_batch`` and the times scaled linearly to the task's batch (CPU time is
-    close to linear in the batch); on a GPU the full task batch is timed.
+    For each layer with pending renders, a batch of that layer's targets is rendered without
+    the cache for 1 step (warm-up, not timed) and then for ``calibration_steps`` steps; one
+    step costs ``t / (calibration_steps + 1)`` (the final evaluation and set-up count as about
+    one more step), and a task of ``steps`` steps ``(steps + 1)`` of those. On the CPU the
+    calibration batch is capped at ``max_calibration_batch`` and scaled linearly to the task's
+    batch (CPU time is close to linear in the batch); on a GPU the full task batch is timed.
     """
     from ..featurevis import render
 
-    a, b = calibration_steps
-    if not (0 <= a < b):
-        raise ValueError(f"calibration_steps must be (a, b) with 0 <= a < b, got {calibration_steps!r}")
+    if not isinstance(calibration_steps, int) or calibration_steps < 1:
+        raise ValueError(f"calibration_steps must be a positive integer, got {calibration_steps!r}")
     pending = plan.pending(store) if store is not None else list(plan.tasks)
     pend_ids = {t.id for t in pending}
     tasks = {k: len(plan.tasks_of(k)) for k in TASK_KINDS if plan.tasks_of(k)}
@@ -553,30 +552,29 @@ def estimate(
     pend_render = [t for t in pending if t.kind == "render"]
     opts = {k: v for k, v in plan.render.items() if k not in ("steps",)}
     per_step: dict[str, float] = {}
-    overhead: dict[str, float] = {}
     total = 0.0
     t_start = time.perf_counter()
     is_cuda = torch.device(plan.device).type == "cuda"
-    for layer in dict.fromkeys(t.layer for t in pend_render):
+    model = model.to(plan.device).eval()
+    layers = list(dict.fromkeys(t.layer for t in pend_render))
+    for layer in tqdm(layers, desc="calibrating", unit="layer", disable=not progress):
         first = next(t for t in pend_render if t.layer == layer)
         full = plan.batch_sizes[layer]
         nb = full if (is_cuda or max_calibration_batch is None) else min(full, max_calibration_batch)
         targets = (first.targets * math.ceil(nb / len(first.targets)))[:nb]
-        times = []
-        for s in (a, b):
+        seconds = 0.0
+        for s in (1, calibration_steps):
             if is_cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             render(model, targets, steps=s, cache=None, batch_size=nb, progress=False, **opts)
             if is_cuda:
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        scale = full / nb
-        step = max(0.0, (times[1] - times[0]) / (b - a)) * scale
-        fixed = max(0.0, times[0] - a * step / scale) * scale
-        per_step[layer], overhead[layer] = step, fixed
+            seconds = time.perf_counter() - t0
+        step = seconds / (calibration_steps + 1) * (full / nb)
+        per_step[layer] = step
         for t in pend_render:
             if t.layer == layer:
-                total += (fixed + step * plan.render.get("steps", 512)) * (t.size / full)
-    return PlanEstimate(tasks, pend, sum(t.size for t in pend_render), per_step, overhead, total,
+                total += step * (int(plan.render.get("steps", 512)) + 1) * (t.size / full)
+    return PlanEstimate(tasks, pend, sum(t.size for t in pend_render), per_step, total,
                         time.perf_counter() - t_start)

@@ -112,7 +112,13 @@ def build_atlas_pages(plan: AtlasPlan, model: nn.Module, store: ResultStore, out
     tables = {l: read_tables(store, plan, l) for l in plan.layers}
     data = load_dataset(plan.dataset, plan.dataset_size) if plan.dataset else False
     render_kwargs = {k: v for k, v in plan.render.items()}
-    model = model.to(plan.device).eval()
+    device = plan.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():  # a driver without the cluster's GPUs: forward passes only
+            device = "cpu"
+    model = model.to(device).eval()
     with _precomputed_sections(tables):
         index = build_pages(
             model, plan.layers, out / "pages", neurons=plan.neurons, upstream=plan.upstream, top_k=plan.top_k,
@@ -141,7 +147,7 @@ def build_atlas(
     num_cpus: Optional[int] = None,
     max_retries: int = 3,
     ray_init_kwargs: Optional[dict] = None,
-    calibration_steps: tuple[int, int] = (1, 3),
+    calibration_steps: int = 3,
     **plan_kwargs: Any,
 ) -> AtlasResult:
     """Plan, run and page the atlas of ``layers`` (every channel; see :func:`make_plan`).
@@ -161,7 +167,7 @@ def build_atlas(
         max_tasks: local engine: stop after this many tasks (resume later).
         fail_once: test hook (see :mod:`circuits.atlas.tasks`); default ``$CIRCUITS_ATLAS_FAIL_ONCE``.
         address, num_cpus, max_retries, ray_init_kwargs: Ray engine settings (:func:`run_ray`).
-        calibration_steps: the dry run's two calibration lengths.
+        calibration_steps: steps of the dry run's timed calibration render per layer.
         **plan_kwargs: :func:`make_plan` settings (``steps``, ``seed``, ``neurons``, ``top_k``,
             ``batch_size``, ``dataset``, ``render``, ``device``...).
     """
