@@ -4,6 +4,7 @@ rendering, the disk cache and dataset examples (fast tests on small models)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -405,12 +406,13 @@ ACCEPT_TRANSFORMS = Transforms(pad=2, jitter=2, scales=(0.95, 1.0, 1.05), angles
 # --- against Lucent (slow) --------------------------------------------------------------
 
 @pytest.mark.slow
-def test_reaches_at_least_lucents_activation() -> None:
+def test_reaches_at_least_lucents_activation(monkeypatch) -> None:
     """Random-init InceptionV1, 16 mixed4a channels, 128 steps at 64 px (both models see 64 px;
     Lucid's transforms in both): our median activation >= Lucent's ``render_vis`` median
     (Lucent batched: the same optimisation as one ``render_vis`` per neuron, with shared
     transforms, and affordable on a CPU)."""
     pytest.importorskip("lucent")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     bench = importlib.import_module("benchmarks.bench_featurevis")
     ours_model, lucent_model = bench.models()
     chans = list(range(16))
