@@ -106,10 +106,6 @@ def _out(args: argparse.Namespace, default: str) -> Path:
     return check_writable(args.out or default)
 
 
-def _say(args: argparse.Namespace, text: str) -> None:
-    print(text)
-
-
 def _neuron(spec: str) -> tuple[str, int]:
     from .layers import parse_target
 

@@ -31,7 +31,6 @@ Layout of ``out_dir``::
 from __future__ import annotations
 
 import html
-import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import PathLike, atomic_write_text
-from ..layers import capture, check_channel, get_layer, layer_names, list_layers, parse_target
+from ..layers import check_channel, get_layer, layer_names, list_layers, parse_target
 from ..models import input_shape as model_input_shape
 from .palette import symmetric_limit
 from .raster import colorbar_rgb, save_heatmap_png, save_image_png, save_png, save_rgb_png, tile_images
