@@ -30,10 +30,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=24)
     ap.add_argument("--out", default=str(HERE / "neuron_page.png"))
+    ap.add_argument("--weights", default=None, help="a FashionInception checkpoint (default: the bundled trained one)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t = parse_target(args.neuron)
-    model = load_model()
+    model = load_model("fashion-inception", weights=args.weights)
     with tempfile.TemporaryDirectory() as tmp:
         build_pages(model, [t.layer], tmp, neurons=[args.neuron], top_k=args.top_k,
                     render_kwargs={"steps": args.steps}, dataset_size=2000)
