@@ -26,15 +26,21 @@ from circuits.figures import DIVERGING, FigureResult, factor_order, symmetric_li
 from circuits.nmf import neuron_factors
 
 
-def rows_figure(w: np.ndarray, order: np.ndarray, factor: np.ndarray, images, labels, title: str) -> FigureResult:
-    """Cells grouped in one row per factor: image above weight map; one colour scale."""
-    groups = [order[factor == f] for f in np.unique(factor)]
+def rows_figure(w: np.ndarray, order: np.ndarray, factor: np.ndarray, images, labels, title: str, max_cols: int = 9) -> FigureResult:
+    """Cells grouped in one row per factor (a long group wraps after ``max_cols`` cells):
+    image above weight map; one colour scale."""
+    groups, row_factor = [], []
+    for f in np.unique(factor):
+        g = order[factor == f]
+        for i in range(0, len(g), max_cols):
+            groups.append(g[i: i + max_cols])
+            row_factor.append(f)
     ncols = max(len(g) for g in groups)
     m = symmetric_limit(w[order])
     fig = Figure(figsize=(ncols * 1.0 + 0.8, len(groups) * 2.1 + 0.4))
     gs = fig.add_gridspec(2 * len(groups), ncols + 1, width_ratios=[1.0] * ncols + [0.1], hspace=0.15, wspace=0.1)
     im = None
-    for gi, (f, g) in enumerate(zip(np.unique(factor), groups)):
+    for gi, (f, g) in enumerate(zip(row_factor, groups)):
         for j, c in enumerate(g):
             a, b = fig.add_subplot(gs[2 * gi, j]), fig.add_subplot(gs[2 * gi + 1, j])
             for ax in (a, b):
@@ -63,8 +69,8 @@ def run(config: dict) -> dict:
     norms = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(1))
     images, _ = sparse_images(r, src, order.tolist(), w.shape[0])
     labels = [f"{src}:{c}" for c in range(w.shape[0])]
-    fig = rows_figure(w, order, factor, images, labels,
-                      f"Top {len(order)} {kind} weights {src} → {layer}:{ch}, one row per NMF factor ({100 * float(f.explained[0]):.0f}% explained)")
+    fig = rows_figure(w, order, factor, images, labels, max_cols=-(-top_n // k),
+                      title=f"Top {len(order)} {kind} weights {src} → {layer}:{ch}, one row per NMF factor ({100 * float(f.explained[0]):.0f}% explained)")
     r.save_figure(fig, "fig10_expanded_factors")
     summary = {"target": f"{layer}:{ch}", "from_layer": src, "kind": kind, "top_n": top_n, "components": k,
                "order": order, "factor": factor, "explained": float(f.explained[0]), "kernel": list(w.shape[1:])}
