@@ -256,13 +256,17 @@ def strongest_spatial(weights: torch.Tensor) -> int:
 
 
 def similar_family(weights: torch.Tensor, n: int, seed: Optional[int] = None) -> list[int]:
-    """A family of ``n`` output channels with similar weights: the seed (default: the strongest)
-    and the ``n - 1`` channels whose flattened weights have the highest cosine similarity to it."""
+    """A family of ``n`` output channels with similar weights: the seed (default:
+    :func:`strongest_spatial`) and the ``n - 1`` channels whose flattened weights have the
+    highest cosine similarity to it (among channels covering several positions when the seed does)."""
     flat = weights.flatten(1)
     if seed is None:
-        seed = int(flat.norm(dim=1).argmax())
+        seed = strongest_spatial(weights)
     unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
     sim = unit @ unit[seed]
+    support = (weights.flatten(2).abs().sum(dim=1) > 0).sum(dim=1)
+    if int(support[seed]) > 1:  # keep spatial figures spatial: only neurons covering several positions
+        sim = torch.where(support > 1, sim, torch.full_like(sim, -2.0))
     sim[seed] = float("inf")
     return sim.argsort(descending=True, stable=True)[: max(1, n)].tolist()
 
