@@ -260,9 +260,15 @@ def ray_run(model, plan, tmp_path_factory):
     try:
         result = build_atlas(model, LAYERS, out, engine="ray", max_retries=2, progress=False,
                              fail_once=f"{fail_dir}::{','.join(victims)}", **SETTINGS)
+        # a worker process that dies (as on a lost machine) is replaced and its task retried
+        crash_dir = tmp_path_factory.mktemp("crash-ray")
+        crash = build_atlas(model, ["mixed3a"], tmp_path_factory.mktemp("atlas-crash"), engine="ray", progress=False,
+                            fail_once=f"{crash_dir}::render-*::exit", neurons=4, upstream_renders="none",
+                            dataset=None, steps=1, top_k=2)
+        crashed = sorted(p.stem for p in crash_dir.glob("*.failed"))
     finally:
         ray.shutdown()
-    return out, result, fail_dir, victims
+    return out, result, fail_dir, victims, (crash, crashed)
 
 
 def _npz_files(root: Path) -> dict[str, Path]:
@@ -270,7 +276,7 @@ def _npz_files(root: Path) -> dict[str, Path]:
 
 
 def test_ray_retries_failed_tasks_and_completes(plan, ray_run):
-    out, result, fail_dir, victims = ray_run
+    out, result, fail_dir, victims, (crash, crashed) = ray_run
     assert sorted(p.stem for p in fail_dir.glob("*.failed")) == sorted(victims)  # each failed once
     assert result.report.engine == "ray" and result.report.completed
     assert result.report.tasks_run == len(plan.tasks) and result.report.rendered == len(plan.render_targets)
@@ -278,6 +284,8 @@ def test_ray_retries_failed_tasks_and_completes(plan, ray_run):
     assert plan.pending(result.store) == []
     assert result.pages_built and result.pages_rendered == 0 and result.index.is_file()
     assert len({r["pid"] for r in result.report.results}) >= 2  # ran on more than one worker
+    assert crashed == ["render-mixed3a-000"] and crash.report.completed and crash.report.rendered == 4
+    assert crash.pages_built and crash.plan.pending(crash.store) == []
 
 
 def test_ray_and_local_produce_the_same_results(plan, local_run, ray_run):
