@@ -468,9 +468,11 @@ def make_plan(
                        dataset=dataset_name, dataset_size=dataset_size, k=n_examples)
             tasks.append(AtlasTask(f"examples-{l}", "examples", l, [f"{l}:{c}" for c in chosen[l]],
                                    [_task_relpath("examples", req)]))
+    all_targets = [f"{l}:{c}" for l in order for c in sorted(render_sets[l])]
+    all_paths = dict(zip(all_targets, (cache_relpath(r) for r in cache_requests(model, all_targets, render_opts, dev.type))))
     for l in order:
         targets = [f"{l}:{c}" for c in sorted(render_sets[l])]
-        paths = [cache_relpath(r) for r in cache_requests(model, targets, render_opts, dev.type)]
+        paths = [all_paths[t] for t in targets]
         bs = batch_sizes[l]
         width = max(3, len(str(max(0, math.ceil(len(targets) / bs) - 1))))
         for j in range(0, len(targets), bs):
@@ -555,6 +557,9 @@ def estimate(
     total = 0.0
     t_start = time.perf_counter()
     is_cuda = torch.device(plan.device).type == "cuda"
+    if is_cuda and not torch.cuda.is_available():
+        raise ValueError(f"the plan renders on {plan.device}, which this machine does not have: the calibration "
+                         "must run on the device it times (run the dry run on a GPU machine)")
     model = model.to(plan.device).eval()
     layers = list(dict.fromkeys(t.layer for t in pend_render))
     for layer in tqdm(layers, desc="calibrating", unit="layer", disable=not progress):
