@@ -132,3 +132,18 @@ def test_parse_target_errors(bad):
 def test_check_channel_states_range():
     with pytest.raises(ValueError, match=r"0\.\.111"):
         check_channel("mixed3a", 112, 112)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    import os
+    from circuits._io import atomic_path, atomic_write_text
+
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "first")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    assert os.stat(target).st_mode & 0o044, "results must be readable by others, like any other file"
