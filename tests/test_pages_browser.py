@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from circuits.figures.pages import build_pages, concat_branches, connections_to, default_upstream, select_neurons
+from circuits.figures import pages as pages_module
+from circuits.figures.pages import (
+    build_pages,
+    concat_branches,
+    connections_to,
+    default_upstream,
+    layer_sections,
+    select_neurons,
+)
 from circuits.models import FASHION_WEIGHTS, FashionInception, load_model
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -66,6 +74,31 @@ def test_connections_direct_and_expanded(model):
     ref = connection_weights(model, "mixed3a", "mixed3b_3x3", channels=[12]).weights[0].numpy()
     np.testing.assert_allclose(found[60][0], ref, rtol=1e-6, atol=1e-9)
     assert found[120][0].shape == (112, 5, 5)
+
+
+def test_precomputed_sections_are_used_as_given(model, tmp_path, monkeypatch):
+    """``build_pages(precomputed=...)`` takes a layer's sections from the argument (the same
+    site as computing them), and computes only layers the argument does not cover."""
+    kw = dict(neurons={"mixed3a": [40]}, top_k=3, render_kwargs={"steps": 1}, cache=tmp_path / "fv",
+              dataset=False, progress=False)
+    secs = layer_sections(model, "mixed3a", [40], default_upstream(model, "mixed3a"), top_k=3)
+    assert list(secs) == [40] and secs[40]
+    assert {s.upstream for s in secs[40]} <= set(default_upstream(model, "mixed3a"))
+    assert all(len(s.channels) == len(s.slices) == len(s.norms) <= 3 for s in secs[40])
+    computed = build_pages(model, ["mixed3a"], tmp_path / "a", **kw).parent
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("layer_sections called although the sections were given")
+
+    monkeypatch.setattr(pages_module, "layer_sections", no_compute)
+    given = build_pages(model, ["mixed3a"], tmp_path / "b", precomputed={"mixed3a": secs}, **kw).parent
+    files = sorted(str(p.relative_to(computed)) for p in computed.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(given)) for p in given.rglob("*") if p.is_file())
+    for rel in files:
+        assert (computed / rel).read_bytes() == (given / rel).read_bytes(), rel
+    # a layer whose chosen channels are not all given is computed
+    with pytest.raises(AssertionError, match="layer_sections called"):
+        build_pages(model, ["mixed3a"], tmp_path / "c", precomputed={"mixed3a": {41: secs[40]}}, **kw)
 
 
 def test_site_structure(site):

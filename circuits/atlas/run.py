@@ -14,11 +14,10 @@ only when ``atlas.json`` is missing or belongs to another plan.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
@@ -60,28 +59,6 @@ class AtlasResult:
         return self.report is not None and self.report.completed and self.index is not None
 
 
-@contextlib.contextmanager
-def _precomputed_sections(tables: Mapping[str, Mapping[int, list]]) -> Iterator[None]:
-    """Inside the block, the page builder takes the weights/NMF sections of the ``tables`` tasks
-    instead of computing them again (same plan settings, so the same sections); layers or
-    neurons not in ``tables`` are computed as usual. Restored on exit."""
-    from ..figures import pages
-
-    original = pages._sections_for_layer
-
-    def lookup(model: nn.Module, layer: str, channels: list[int], *args: Any, **kwargs: Any) -> dict:
-        have = tables.get(layer)
-        if have is None or any(c not in have for c in channels):
-            return original(model, layer, channels, *args, **kwargs)
-        return {c: list(have[c]) for c in channels}
-
-    pages._sections_for_layer = lookup
-    try:
-        yield
-    finally:
-        pages._sections_for_layer = original
-
-
 def _local_cache(plan: AtlasPlan, store: ResultStore, out: Path, progress: bool) -> Path:
     """A local folder with every rendered image: the store itself, or a mirror of a URL store."""
     if store.local_root is not None:
@@ -119,14 +96,14 @@ def build_atlas_pages(plan: AtlasPlan, model: nn.Module, store: ResultStore, out
         if not torch.cuda.is_available():  # a driver without the cluster's GPUs: forward passes only
             device = "cpu"
     model = model.to(device).eval()
-    with _precomputed_sections(tables):
-        index = build_pages(
-            model, plan.layers, out / "pages", neurons=plan.neurons, upstream=plan.upstream, top_k=plan.top_k,
-            render_kwargs=render_kwargs, cache=cache, dataset=data,
-            dataset_name=(plan.dataset.replace("-", " ").replace("fashion mnist", "Fashion-MNIST") if plan.dataset else None),
-            dataset_size=plan.dataset_size, n_examples=plan.n_examples, factor_threshold=plan.factor_threshold,
-            n_factors=plan.n_factors, title=title or f"{plan.model_class} atlas", progress=progress,
-        )
+    index = build_pages(
+        model, plan.layers, out / "pages", neurons=plan.neurons, upstream=plan.upstream, top_k=plan.top_k,
+        render_kwargs=render_kwargs, cache=cache, dataset=data,
+        dataset_name=(plan.dataset.replace("-", " ").replace("fashion mnist", "Fashion-MNIST") if plan.dataset else None),
+        dataset_size=plan.dataset_size, n_examples=plan.n_examples, factor_threshold=plan.factor_threshold,
+        n_factors=plan.n_factors, title=title or f"{plan.model_class} atlas", progress=progress,
+        precomputed=tables,
+    )
     return index, cache.misses
 
 

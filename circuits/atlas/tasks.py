@@ -108,7 +108,7 @@ def _render_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: Resu
 
 _LAYOUT_ERROR = (
     "the render did not write the predicted cache file {rel}: circuits.featurevis changed its cache "
-    "request format; update circuits.atlas.plan._render_request_base to match"
+    "request format without circuits.featurevis.render.cache_requests following it"
 )
 
 
@@ -116,11 +116,11 @@ _LAYOUT_ERROR = (
 
 
 def _tables_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: ResultStore) -> None:
-    from ..figures.pages import _sections_for_layer
+    from ..figures.pages import layer_sections
 
     channels = plan.neurons[task.layer]
-    sections = _sections_for_layer(model, task.layer, channels, plan.upstream[task.layer], plan.top_k,
-                                   plan.factor_threshold, plan.n_factors)
+    sections = layer_sections(model, task.layer, channels, plan.upstream[task.layer], top_k=plan.top_k,
+                              factor_threshold=plan.factor_threshold, n_factors=plan.n_factors)
     meta, arrays = [], {}
     i = 0
     for c in channels:

@@ -58,6 +58,7 @@ __all__ = [
     "check_writable",
     "concat_branches",
     "connections_to",
+    "layer_sections",
     "NeuronConnections",
 ]
 
@@ -391,15 +392,27 @@ def connections_to(
     return result
 
 
-def _sections_for_layer(
+def layer_sections(
     model: nn.Module,
     layer: str,
-    channels: list[int],
+    channels: Sequence[int],
     upstream: Sequence[str],
-    top_k: int,
-    factor_threshold: float,
-    n_factors: int,
+    *,
+    top_k: int = 50,
+    factor_threshold: float = 0.8,
+    n_factors: int = 3,
 ) -> dict[int, list[NeuronConnections]]:
+    """The weights/NMF sections of ``layer``'s neuron pages: ``{channel: [NeuronConnections, ...]}``.
+
+    For each of ``channels`` and each layer of ``upstream`` that reaches it (see
+    :func:`connections_to`), the top-``top_k`` inputs by L2 with their weight slices
+    ``[k, kh, kw]``, the section's colour scale and ``n_factors`` NMF factors (one batched NMF
+    per kernel shape); cells are ordered by factor when the factors explain at least
+    ``factor_threshold`` of the weights, else by L2. This is what :func:`build_pages` computes
+    per layer; pass its result (e.g. computed elsewhere and stored) as ``build_pages(...,
+    precomputed={layer: sections})`` to skip the computation.
+    """
+    channels = [int(c) for c in channels]
     out: dict[int, list[NeuronConnections]] = {c: [] for c in channels}
     tr = _trace(model)
     for up in upstream:
@@ -633,6 +646,7 @@ def build_pages(
     n_factors: int = 3,
     title: Optional[str] = None,
     progress: bool = True,
+    precomputed: Optional[Mapping[str, Mapping[int, Sequence[NeuronConnections]]]] = None,
 ) -> Path:
     """Build the static neuron pages for ``layers`` and return the path of ``index.html``.
 
@@ -654,6 +668,12 @@ def build_pages(
             fraction of the weights.
         n_factors: NMF factors per section.
         title: the site's title.
+        progress: progress bars.
+        precomputed: weights/NMF sections already computed with these settings,
+            ``{layer: {channel: [NeuronConnections, ...]}}`` as :func:`layer_sections` returns
+            them (e.g. read back from a result store). A layer is taken from here when it
+            covers every chosen channel of that layer; otherwise (or when ``None``) its
+            sections are computed.
     """
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
@@ -675,7 +695,12 @@ def build_pages(
     # 1. connections
     sections: dict[tuple[str, int], list[NeuronConnections]] = {}
     for layer in tqdm(layers, desc="weights and NMF", disable=not progress, unit="layer"):
-        per = _sections_for_layer(model, layer, full[layer], ups[layer], top_k, factor_threshold, n_factors)
+        have = precomputed.get(layer) if precomputed is not None else None
+        if have is not None and all(c in have for c in full[layer]):
+            per = {c: list(have[c]) for c in full[layer]}
+        else:
+            per = layer_sections(model, layer, full[layer], ups[layer], top_k=top_k,
+                                 factor_threshold=factor_threshold, n_factors=n_factors)
         for c, secs in per.items():
             sections[(layer, c)] = secs
 
