@@ -73,6 +73,34 @@ def test_predicted_cache_files_are_what_render_writes(model, tmp_path):
         assert written == predicted
 
 
+def test_featurevis_cache_requests_are_what_render_stores(model, tmp_path):
+    """The public featurevis helper the plan uses: its requests are the ones ``render`` stores
+    (file names and the request saved in each file), with render-only arguments ignored."""
+    from circuits.featurevis import FeatureVisCache, render
+    from circuits.featurevis.render import cache_requests as fv_requests
+
+    targets = ["mixed3a:5", "logits:2"]
+    opts = {"steps": 1, "seed": 11, "size": 20, "resize_to": 28, "redirected_relu": 3, "param": "pixel"}
+    cache = FeatureVisCache(tmp_path)
+    render(model, targets, cache=cache, progress=False, batch_size=1, **opts)
+    requests = fv_requests(model, targets, batch_size=1, progress=False, channels_last=True, **opts)
+    assert [r["objective"] for r in requests] == targets
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.npz"))
+    assert written == sorted(FeatureVisCache.relpath(r) for r in requests)
+    for r in requests:
+        assert cache.path(r) == tmp_path / FeatureVisCache.relpath(r)
+        with np.load(cache.path(r), allow_pickle=False) as f:
+            assert json.loads(str(f["request"])) == json.loads(json.dumps(r, default=str))
+    # a single target, and the mixed-precision flag follows the device type
+    assert fv_requests(model, "mixed3a:5", **opts) == requests[:1]
+    assert fv_requests(model, "mixed3a:5", mixed_precision=True, device="cuda", **opts)[0]["mixed_precision"] is True
+    assert fv_requests(model, "mixed3a:5", mixed_precision=True, **opts)[0]["mixed_precision"] is False
+    with pytest.raises(TypeError, match="stepz"):
+        fv_requests(model, targets, stepz=3)
+    with pytest.raises(ValueError, match="steps"):
+        fv_requests(model, targets, steps=-1)
+
+
 def test_plan_covers_every_mixed_channel_once(model, plan):
     assert plan.layers == LAYERS
     assert {l: len(c) for l, c in plan.neurons.items()} == {"mixed3a": 112, "mixed3b": 160, "mixed4a": 224}

@@ -219,63 +219,20 @@ class AtlasPlan:
 # ----------------------------------------------------------------------------- featurevis cache keys
 
 
-def _render_request_base(model: nn.Module, render: Mapping[str, Any], device_type: str) -> tuple[dict, str]:
-    """The shared part of featurevis cache requests, exactly as :func:`circuits.featurevis.render` builds it.
-
-    Kept in step with ``render`` by ``tests/test_atlas.py`` (a render must write the files
-    predicted here)."""
-    import importlib
-
-    R = importlib.import_module("circuits.featurevis.render")  # the module (the package exports the function)
-
-    channels, in_h, in_w = model_input_shape(model)
-    size = render.get("size")
-    size_hw = R._pair(size, "size") if size is not None else (min(128, in_h), min(128, in_w))
-    resize_to = render.get("resize_to")
-    out_size = R._pair(resize_to, "resize_to") if resize_to is not None else (in_h, in_w)
-    tr = R._resolve_transforms(render.get("transforms"), size_hw)
-    rr = render.get("redirected_relu", True)
-    redirect_steps = R.REDIRECT_STEPS if rr is True else (0 if rr is False else int(rr))
-    _dev, dtype = R._model_device(model)
-    mhash = state_dict_hash(model)
-    base = {
-        "version": R._CACHE_VERSION,
-        "model": mhash,
-        "model_class": type(model).__name__,
-        "param": render.get("param", "fft"),
-        "decorrelate": bool(render.get("decorrelate", True)) and channels == 3,
-        "transforms": tr.to_dict(),
-        "steps": int(render.get("steps", 512)),
-        "size": list(size_hw),
-        "resize_to": list(out_size),
-        "lr": float(render.get("lr", 0.05)),
-        "redirect_steps": redirect_steps,
-        "mixed_precision": bool(render.get("mixed_precision", False)) and device_type == "cuda",
-        "dtype": str(dtype),
-    }
-    return base, mhash
-
-
 def cache_requests(model: nn.Module, targets: Sequence[str], render: Mapping[str, Any], device_type: str = "cpu") -> list[dict]:
-    """The featurevis cache request of each target (what :func:`~circuits.featurevis.render` stores)."""
-    from ..featurevis import as_objective, element_seed
+    """The featurevis cache request of each target (what :func:`~circuits.featurevis.render`
+    with the plan's ``render`` settings on a ``device_type`` device stores); see
+    :func:`circuits.featurevis.render.cache_requests`."""
+    from ..featurevis.render import cache_requests as featurevis_requests
 
-    base, _ = _render_request_base(model, render, device_type)
-    seed = int(render.get("seed", 0))
-    out = []
-    for t in targets:
-        key = as_objective(t).key
-        out.append(dict(base, objective=key, seed=element_seed(seed, key)))
-    return out
+    return featurevis_requests(model, list(targets), device=device_type, **dict(render))
 
 
 def cache_relpath(request: Mapping[str, Any]) -> str:
     """Store-relative path of a featurevis cache request (the :class:`FeatureVisCache` layout)."""
     from ..featurevis import FeatureVisCache
 
-    k = FeatureVisCache.key(dict(request))
-    model = str(request.get("model", "model"))[:16] or "model"
-    return f"{model}/{k[:2]}/{k}.npz"
+    return FeatureVisCache.relpath(dict(request))
 
 
 def _task_relpath(kind: str, request: Mapping[str, Any]) -> str:

@@ -55,10 +55,16 @@ class FeatureVisCache:
         """SHA-256 of the canonical JSON of ``request``."""
         return hashlib.sha256(_canonical(request).encode()).hexdigest()
 
-    def path(self, request: dict) -> Path:
-        k = self.key(request)
+    @classmethod
+    def relpath(cls, request: dict) -> str:
+        """Where ``request``'s image lies relative to the cache folder: ``<model hash>/<k[:2]>/<k>.npz``."""
+        k = cls.key(request)
         model = str(request.get("model", "model"))[:16] or "model"
-        return self.root / model / k[:2] / f"{k}.npz"
+        return f"{model}/{k[:2]}/{k}.npz"
+
+    def path(self, request: dict) -> Path:
+        """The file of ``request``'s image: ``root / relpath(request)``."""
+        return self.root / self.relpath(request)
 
     def get(self, request: dict) -> Optional[tuple[np.ndarray, float]]:
         """``(image [C, H, W] float32, objective value)`` or ``None`` (missing or unreadable)."""

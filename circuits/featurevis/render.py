@@ -35,7 +35,7 @@ from .objectives import Objective, as_objective, evaluate_batch
 from .param import ImageParam
 from .relu import redirected_relu
 
-__all__ = ["render", "variable_names", "RenderResult", "element_seed", "REDIRECT_STEPS"]
+__all__ = ["render", "variable_names", "cache_requests", "RenderResult", "element_seed", "REDIRECT_STEPS"]
 
 #: Steps at the start of an optimisation during which the redirected ReLU is used.
 REDIRECT_STEPS = 16
@@ -135,6 +135,91 @@ def _resolve_transforms(transforms: object, size: tuple[int, int]) -> T.Transfor
         )
     tr.check_size(size)
     return tr
+
+
+def _request_base(
+    model: nn.Module, *, channels: int, size: tuple[int, int], out_size: tuple[int, int], param: str,
+    decorrelate: bool, transforms: T.Transforms, steps: int, lr: float, redirect_steps: int, amp: bool,
+    dtype: torch.dtype,
+) -> dict:
+    """The part of a cache request that every target of one :func:`render` call shares."""
+    return {
+        "version": _CACHE_VERSION,
+        "model": state_dict_hash(model),
+        "model_class": type(model).__name__,
+        "param": param,
+        "decorrelate": bool(decorrelate) and channels == 3,
+        "transforms": transforms.to_dict(),
+        "steps": steps,
+        "size": list(size),
+        "resize_to": list(out_size),
+        "lr": float(lr),
+        "redirect_steps": redirect_steps,
+        "mixed_precision": amp,
+        "dtype": str(dtype),
+    }
+
+
+def _geometry(model: nn.Module, size: object, resize_to: object, transforms: object) -> tuple[int, tuple[int, int], tuple[int, int], T.Transforms]:
+    """``(input channels, parameterized size, size fed to the model, transforms)`` of a render."""
+    channels, in_h, in_w = input_shape(model)
+    size_hw = _pair(size, "size") if size is not None else (min(128, in_h), min(128, in_w))  # type: ignore[arg-type]
+    out_size = _pair(resize_to, "resize_to") if resize_to is not None else (in_h, in_w)  # type: ignore[arg-type]
+    return channels, size_hw, out_size, _resolve_transforms(transforms, size_hw)
+
+
+def _redirect_steps(redirected_relu: Union[bool, int]) -> int:
+    return REDIRECT_STEPS if redirected_relu is True else (0 if redirected_relu is False else int(redirected_relu))
+
+
+#: :func:`render` arguments that do not change an image (so not its cache request).
+_NOT_IN_REQUEST = frozenset({"batch_size", "progress", "cache", "channels_last"})
+
+
+def cache_requests(
+    model: nn.Module,
+    targets: Union[TargetLike, Sequence[TargetLike]],
+    *,
+    steps: int = 512,
+    size: Union[int, Sequence[int], None] = None,
+    param: str = "fft",
+    decorrelate: bool = True,
+    seed: int = 0,
+    transforms: object = None,
+    lr: float = 0.05,
+    redirected_relu: Union[bool, int] = True,
+    device: Union[str, torch.device, None] = None,
+    mixed_precision: bool = False,
+    resize_to: Union[int, Sequence[int], None] = None,
+    **render_only: object,
+) -> list[dict]:
+    """The cache request of each target, exactly as :func:`render` with these arguments stores it.
+
+    ``FeatureVisCache.relpath(request)`` is then where the image lies in a cache folder, so a
+    scheduler can tell which images exist without rendering. Takes :func:`render`'s keyword
+    arguments; those that do not change the image (``batch_size``, ``progress``, ``cache``,
+    ``channels_last``) are accepted and ignored. ``device`` is the device the render will run
+    on (only its type matters: mixed precision is CUDA-only; default the model's device); the
+    dtype is the model's. Computes the model's weight hash once.
+    """
+    unknown = sorted(set(render_only) - _NOT_IN_REQUEST)
+    if unknown:
+        raise TypeError(f"cache_requests() got unexpected keyword argument(s) {unknown}; "
+                        f"it takes render()'s arguments")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    single = isinstance(targets, (str, Objective)) or not isinstance(targets, Sequence)
+    objectives = [as_objective(t) for t in ([targets] if single else list(targets))]  # type: ignore[list-item]
+    mdev, dtype = _model_device(model)
+    dev = mdev if device is None else torch.device(device)
+    channels, size_hw, out_size, tr = _geometry(model, size, resize_to, transforms)
+    base = _request_base(
+        model, channels=channels, size=size_hw, out_size=out_size, param=param, decorrelate=decorrelate,
+        transforms=tr, steps=steps, lr=lr,
+        redirect_steps=_redirect_steps(redirected_relu), amp=bool(mixed_precision) and dev.type == "cuda",
+        dtype=dtype,
+    )
+    return [dict(base, objective=o.key, seed=element_seed(seed, o.key)) for o in objectives]
 
 
 def _probe(model: nn.Module, layers: Sequence[str], channels: int, out_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple[dict, int]:
@@ -304,13 +389,11 @@ def render(
     if dev.type != mdev.type or (dev.index is not None and mdev.index is not None and dev.index != mdev.index):
         raise ValueError(f"device {dev} differs from the model's device {mdev}; move the model with model.to({str(dev)!r})")
     dev = mdev
-    channels, in_h, in_w = input_shape(model)
+    channels = input_shape(model)[0]
     if channels not in (1, 3):
         raise ValueError(f"model input has {channels} channels; feature visualization supports 1 or 3")
-    size_hw = _pair(size, "size") if size is not None else (min(128, in_h), min(128, in_w))
-    out_size = _pair(resize_to, "resize_to") if resize_to is not None else (in_h, in_w)
-    tr = _resolve_transforms(transforms, size_hw)
-    redirect_steps = REDIRECT_STEPS if redirected_relu is True else (0 if redirected_relu is False else int(redirected_relu))
+    channels, size_hw, out_size, tr = _geometry(model, size, resize_to, transforms)
+    redirect_steps = _redirect_steps(redirected_relu)
     amp = bool(mixed_precision) and dev.type == "cuda"
     if mixed_precision and not amp:
         warnings.warn("mixed_precision is only used on CUDA devices; rendering in float32", stacklevel=2)
@@ -330,21 +413,10 @@ def render(
     store = as_cache(cache)
     requests: list[dict] = []
     if store is not None:
-        base = {
-            "version": _CACHE_VERSION,
-            "model": state_dict_hash(model),
-            "model_class": type(model).__name__,
-            "param": param,
-            "decorrelate": bool(decorrelate) and channels == 3,
-            "transforms": tr.to_dict(),
-            "steps": steps,
-            "size": list(size_hw),
-            "resize_to": list(out_size),
-            "lr": float(lr),
-            "redirect_steps": redirect_steps,
-            "mixed_precision": amp,
-            "dtype": str(dtype),
-        }
+        base = _request_base(
+            model, channels=channels, size=size_hw, out_size=out_size, param=param, decorrelate=decorrelate,
+            transforms=tr, steps=steps, lr=lr, redirect_steps=redirect_steps, amp=amp, dtype=dtype,
+        )
         for i in range(n):
             req = dict(base, objective=keys[i], seed=seeds[i])
             requests.append(req)
