@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+from ._cli_types import positive_int
+
 __all__ = ["main", "build_parser", "load_model_arg", "parse_channels"]
 
 PROG = "circuits"
@@ -512,7 +514,7 @@ def _common(p: argparse.ArgumentParser, out_help: str) -> None:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     g.add_argument("--out", default=None, help=out_help)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--threads", type=_positive, default=None,
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: 1 for small models such as fashion-inception, whose "
                         "tiny convolutions gain nothing from threads and slow down a lot on a busy CPU; else torch's default)")
 
@@ -531,16 +533,6 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
         if isinstance(a, argparse._SubParsersAction):
             return dict(a.choices)
     return {}
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def _fraction(text: str) -> float:
@@ -568,13 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explore", help=_COMMANDS["explore"], description=_COMMANDS["explore"])
     p.add_argument("--layers", nargs="+", default=None, help="layers to page (default: mixed3a mixed3b mixed4a)")
-    p.add_argument("--per-layer", type=_positive, default=3, help="neurons per layer, evenly spread over the branches (default: %(default)s)")
+    p.add_argument("--per-layer", type=positive_int, default=3, help="neurons per layer, evenly spread over the branches (default: %(default)s)")
     p.add_argument("--neurons", nargs="+", default=None, help="exact neurons instead, e.g. mixed3b:60 mixed4a:12")
     p.add_argument("--upstream", nargs="+", default=None, help="upstream layers for every paged layer (default: previous block + bottlenecks)")
-    p.add_argument("--top-k", type=_positive, default=50, help="connections shown per upstream layer (default: %(default)s)")
+    p.add_argument("--top-k", type=positive_int, default=50, help="connections shown per upstream layer (default: %(default)s)")
     p.add_argument("--factor-threshold", type=_fraction, default=0.8,
                    help="order by NMF factor when 3 factors explain at least this much (default: %(default)s)")
-    p.add_argument("--dataset-size", type=_positive, default=1000, help="Fashion-MNIST test images scanned for dataset examples (default: %(default)s)")
+    p.add_argument("--dataset-size", type=positive_int, default=1000, help="Fashion-MNIST test images scanned for dataset examples (default: %(default)s)")
     p.add_argument("--no-dataset", action="store_true", help="no dataset examples")
     _render_opts(p, steps=48)
     _common(p, "folder for the site (default: ./circuits-pages)")
@@ -584,10 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("type", choices=FIGURE_TYPES, help="figure type")
     p.add_argument("target", help="the neuron, layer:channel, e.g. mixed3b:60")
     p.add_argument("--from", dest="from_layer", default=None, help="upstream layer (default: the previous block)")
-    p.add_argument("--top", type=_positive, default=12, help="input neurons shown (default: %(default)s)")
+    p.add_argument("--top", type=positive_int, default=12, help="input neurons shown (default: %(default)s)")
     p.add_argument("--neurons", default=None, help="family: output channels, e.g. 60-63")
     p.add_argument("--inputs", default=None, help="family: input channels (default: the --top strongest)")
-    p.add_argument("--k", type=_positive, default=3, help="NMF factors (default: %(default)s)")
+    p.add_argument("--k", type=positive_int, default=3, help="NMF factors (default: %(default)s)")
     p.add_argument("--format", choices=("png", "svg", "pdf"), default="png", help="when --out is a folder (default: %(default)s)")
     _render_opts(p, steps=128)
     _common(p, "output file (.png/.svg/.pdf) or folder (default: ./figures)")
@@ -595,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help=_COMMANDS["render"], description=_COMMANDS["render"])
     p.add_argument("targets", nargs="+", help="neurons, e.g. mixed3b:60 mixed4a:12")
-    p.add_argument("--scale", type=_positive, default=4, help="PNG upscaling factor (default: %(default)s)")
+    p.add_argument("--scale", type=positive_int, default=4, help="PNG upscaling factor (default: %(default)s)")
     _render_opts(p, steps=256)
     _common(p, "folder for the PNGs (default: ./renders)")
     p.set_defaults(handler=cmd_render)
@@ -604,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("layer", help="layer whose neurons are factored, e.g. mixed3b")
     p.add_argument("--from", dest="from_layer", default=None, help="upstream layer (default: the previous block)")
     p.add_argument("--channels", default=None, help="channels, e.g. 0-15,40 (default: the first 16)")
-    p.add_argument("--k", type=_positive, default=3, help="factors (default: %(default)s)")
+    p.add_argument("--k", type=positive_int, default=3, help="factors (default: %(default)s)")
     p.add_argument("--format", choices=("png", "svg", "pdf"), default="png")
     _common(p, "folder for the figure (default: ./nmf)")
     p.set_defaults(handler=cmd_nmf)
@@ -613,8 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("from_layer", help="upstream layer, e.g. mixed3a")
     p.add_argument("to_layer", help="downstream layer, e.g. mixed3b")
     p.add_argument("--channels", default=None, help="output channels, e.g. 0-7 (default: all)")
-    p.add_argument("--top", type=_positive, default=10, help="top inputs printed per output channel (default: %(default)s)")
-    p.add_argument("--show", type=_positive, default=8, help="output channels printed (default: %(default)s)")
+    p.add_argument("--top", type=positive_int, default=10, help="top inputs printed per output channel (default: %(default)s)")
+    p.add_argument("--show", type=positive_int, default=8, help="output channels printed (default: %(default)s)")
     _common(p, "the .npz file or a folder (default: ./expanded_FROM_to_TO.npz)")
     p.set_defaults(handler=cmd_expand)
 

@@ -18,29 +18,11 @@ import argparse
 import sys
 from typing import Any, Optional, Sequence
 
+from .._cli_types import non_negative_int, positive_int
+
 __all__ = ["add_atlas_subcommand", "run_atlas_command", "main"]
 
 HELP = "every neuron's page for whole layers: plan, render (locally or on Ray), build pages; resumable"
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,26 +39,26 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("what to build")
     g.add_argument("--layers", nargs="+", default=None, help="layers whose every channel gets a page (default: mixed3a mixed3b mixed4a)")
-    g.add_argument("--per-layer", type=_positive, default=None, help="only this many neurons per layer (default: all)")
-    g.add_argument("--steps", type=_non_negative, default=512, help="feature-visualization steps (default: %(default)s)")
-    g.add_argument("--size", type=_positive, default=None, help="image side (default: the model's, at most 128)")
+    g.add_argument("--per-layer", type=positive_int, default=None, help="only this many neurons per layer (default: all)")
+    g.add_argument("--steps", type=non_negative_int, default=512, help="feature-visualization steps (default: %(default)s)")
+    g.add_argument("--size", type=positive_int, default=None, help="image side (default: the model's, at most 128)")
     g.add_argument("--seed", type=int, default=0, help="base seed; each neuron's render is seeded from it (default: %(default)s)")
-    g.add_argument("--batch-size", type=_positive, default=None, help="images per render task (default: from the device's memory)")
-    g.add_argument("--top-k", type=_positive, default=50, help="connections per upstream layer on each page (default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="images per render task (default: from the device's memory)")
+    g.add_argument("--top-k", type=positive_int, default=50, help="connections per upstream layer on each page (default: %(default)s)")
     g.add_argument("--no-upstream-renders", action="store_true",
                    help="render only the chosen layers' neurons (the pages render the inputs they show)")
     g.add_argument("--no-dataset", action="store_true", help="no dataset examples")
-    g.add_argument("--dataset-size", type=_positive, default=2000, help="dataset images scanned (default: %(default)s)")
-    g.add_argument("--examples", type=_positive, default=8, help="dataset examples per neuron (default: %(default)s)")
+    g.add_argument("--dataset-size", type=positive_int, default=2000, help="dataset images scanned (default: %(default)s)")
+    g.add_argument("--examples", type=positive_int, default=8, help="dataset examples per neuron (default: %(default)s)")
     g.add_argument("--no-pages", action="store_true", help="compute and cache everything, but build no pages")
 
     g = p.add_argument_group("running")
     g.add_argument("--engine", choices=("local", "ray"), default="local", help="local (one process) or ray (default: %(default)s)")
     g.add_argument("--dry-run", action="store_true", help="print the plan and the estimated device time; render nothing")
-    g.add_argument("--max-tasks", type=_non_negative, default=None, help="local engine: stop after this many tasks")
+    g.add_argument("--max-tasks", type=non_negative_int, default=None, help="local engine: stop after this many tasks")
     g.add_argument("--address", default=None, help="ray: an existing cluster (auto, ray://host:10001); default: start a local one")
-    g.add_argument("--num-cpus", type=_positive, default=None, help="ray: CPU slots of a local cluster started here")
-    g.add_argument("--max-retries", type=_non_negative, default=3, help="ray: retries of a failed task (default: %(default)s)")
+    g.add_argument("--num-cpus", type=positive_int, default=None, help="ray: CPU slots of a local cluster started here")
+    g.add_argument("--max-retries", type=non_negative_int, default=3, help="ray: retries of a failed task (default: %(default)s)")
 
 
 def add_atlas_subcommand(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
