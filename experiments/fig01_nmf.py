@@ -47,7 +47,8 @@ def run(config: dict) -> dict:
     f = neuron_factors(w, k, neurons, **r.nmf_settings())
     rgb = factors_rgb(f.spatial[:, :3], scale=int(config.get("scale", 8)))
     labels = [f"{layer}:{n}\n{100 * float(e):.0f}% expl." for n, e in zip(neurons, f.explained)]
-    fig = nmf_rgb_figure(rgb, labels=labels, title=f"One-sided NMF ({k} factors as RGB) of {layer} input weights ({kind})")
+    fig = nmf_rgb_figure(rgb, labels=labels)
+    fig.figure.text(0.5, 0.0, f"One-sided NMF ({k} factors as RGB) of {layer} input weights ({kind})", ha="center", va="top", fontsize=9)  # caption below the pictures
     r.save_figure(fig, "fig01_nmf")
     summary = {
         "layer": layer, "weights_from": src, "kind": kind, "neurons": neurons, "components": k,

@@ -43,7 +43,8 @@ def run(config: dict) -> dict:
     shown = resolve_neurons(config.get("neurons", "auto"), w.shape[0], lambda: np.argsort(-scores, kind="stable")[:n_show].tolist())
     rgb = factors_rgb(f.spatial[shown, :3], scale=int(config.get("scale", 8)))
     labels = [f"{layer}:{n}\nband {scores[n]:.2f}" for n in shown]
-    fig = nmf_rgb_figure(rgb, labels=labels, title=f"Weight banding in {layer} (mean score {scores.mean():.2f}; {base}: {base_scores.mean():.2f})")
+    fig = nmf_rgb_figure(rgb, labels=labels)
+    fig.figure.text(0.5, 0.0, f"Weight banding in {layer} (mean score {scores.mean():.2f}; {base}: {base_scores.mean():.2f})", ha="center", va="top", fontsize=9)  # caption below the pictures
     r.save_figure(fig, "fig02_banding")
     summary = {
         "layer": layer, "weights_from": src, "baseline_layer": base, "components": k, "shown": shown,

@@ -69,7 +69,7 @@ def run(config: dict) -> dict:
     norms = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(1))
     images, _ = sparse_images(r, src, order.tolist(), w.shape[0])
     labels = [f"{src}:{c}" for c in range(w.shape[0])]
-    fig = rows_figure(w, order, factor, images, labels, max_cols=-(-top_n // k),
+    fig = rows_figure(w, order, factor, images, labels, max_cols=max(-(-top_n // k), min(12, int(np.bincount(factor).max()))),
                       title=f"Top {len(order)} {kind} weights {src} → {layer}:{ch}, one row per NMF factor ({100 * float(f.explained[0]):.0f}% explained)")
     r.save_figure(fig, "fig10_expanded_factors")
     summary = {"target": f"{layer}:{ch}", "from_layer": src, "kind": kind, "top_n": top_n, "components": k,
