@@ -253,3 +253,21 @@ def test_cli_run_dispatches_experiment_configs(inception, tmp_path):
     assert cli.main(["run", str(cfg)]) == 0
     js = json.loads((tmp_path / "cli_out" / "fig01_nmf.json").read_text())
     assert js["neurons"] == [0, 1]
+
+
+def test_make_gallery_copies_each_figure_of_the_chosen_configs(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "make_gallery.py"
+    spec = importlib.util.spec_from_file_location("make_gallery", path)
+    gallery = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gallery)
+    assert [p.stem for p in gallery.gallery_configs(["fig01"])] == ["fig01_nmf_fashion"]
+    assert "explore_fashion" not in [p.stem for p in gallery.gallery_configs([])]
+    assert gallery.main(["fig01", "--gallery", str(tmp_path / "g"), "--outputs", str(tmp_path / "o")]) == 0
+    copied = tmp_path / "g" / "fig01_nmf.png"
+    written = tmp_path / "o" / "fig01_nmf_fashion" / "fig01_nmf.png"
+    assert copied.read_bytes() == written.read_bytes() and copied.stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["fig01_nmf.png"]  # no temp files left
+    with pytest.raises(SystemExit):
+        gallery.main(["no-such-figure", "--gallery", str(tmp_path / "g")])
