@@ -416,7 +416,8 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     path = Path(args.config).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    overrides = _overrides(args.set)
+    shortcuts = {k: getattr(args, k) for k in ("weights", "sha256", "device", "out") if getattr(args, k, None) is not None}
+    overrides = {**shortcuts, **_overrides(args.set)}
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -637,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file with a 'command:' key and that command's arguments "
                                   "(or an 'experiment:' key: runs experiments/<name>.py)")
     p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", help="override config values, e.g. steps=16 out=/tmp/x")
+    for opt, what in (("weights", "weights file or https:// URL, e.g. inception5h.pth"), ("sha256", "expected sha256 of the weights"),
+                      ("device", "torch device"), ("out", "output folder")):
+        p.add_argument(f"--{opt}", default=None, help=f"shortcut for --set {opt}=...: {what}")
     p.set_defaults(raw_handler=None, run_config=True)
     return parser
 

@@ -248,24 +248,33 @@ def _hals_rows(H: torch.Tensor, G: torch.Tensor, P: torch.Tensor) -> torch.Tenso
     (scikit-learn's ``violation``).
     """
     k = H.shape[1]
-    viol = torch.zeros(H.shape[0], dtype=H.dtype, device=H.device)
     # Projected gradient: grad where h > 0, min(grad, 0) where h == 0. min(grad, h * big) is the
     # same in one fused op (h >= 0); it differs only for denormal h, by a negligible amount.
     big = torch.finfo(H.dtype).max * torch.finfo(H.dtype).eps  # h * big overflowing to inf is harmless
-    tiny = torch.finfo(H.dtype).tiny
+    # hess == 0 means the t-th factor is all zero; then grad == 0 and the row is unchanged.
+    hess = torch.diagonal(G, dim1=1, dim2=2).clamp_min(torch.finfo(H.dtype).tiny)[:, :, None]  # [B, k, 1]
+    projected = torch.empty((k,) + H[:, :1].shape, dtype=H.dtype, device=H.device)  # [k, B, 1, n]
     for t in range(k):
         h = H[:, t : t + 1, :]  # [B, 1, n] view
         grad = torch.baddbmm(P[:, t : t + 1, :], G[:, t : t + 1, :], H, beta=-1)  # G_t H - P_t
-        viol += torch.linalg.vector_norm(torch.minimum(grad, h * big), ord=1, dim=(1, 2))
-        # hess == 0 means the t-th factor is all zero; then grad == 0 and the row is unchanged.
-        hess = G[:, t : t + 1, t : t + 1].clamp_min(tiny)
-        h.addcdiv_(grad, hess, value=-1).clamp_(min=0)
-    return viol
+        torch.minimum(grad, h * big, out=projected[t])
+        h.addcdiv_(grad, hess[:, t : t + 1], value=-1).clamp_(min=0)
+    # one reduction per sweep instead of one per row (the rows' sum, as scikit-learn's violation);
+    # abs+sum is ~3x faster than linalg.vector_norm(ord=1) on the CPU
+    return projected.abs_().sum(-1).sum((0, 2))
 
 
-def _sweep(X: torch.Tensor, Wt: torch.Tensor, H: torch.Tensor, update_H: bool) -> torch.Tensor:
-    """One outer iteration: update ``W`` (stored transposed, ``Wt [B, k, m]``) then ``H``."""
-    viol = _hals_rows(Wt, H @ H.mT, (X @ H.mT).mT)
+def _sweep(XH: torch.Tensor, Wt: torch.Tensor, update_H: bool) -> torch.Tensor:
+    """One outer iteration: update ``W`` (stored transposed, ``Wt [B, k, m]``) then ``H``.
+
+    ``XH [B, m + k, n]`` holds ``X`` in its first ``m`` rows and ``H`` (updated in place) in the
+    last ``k``, so one product ``H @ XH^T`` gives both ``H X^T`` and ``H H^T`` (one pass over X;
+    this product order is also ~25% faster than ``X @ H^T`` on the CPU).
+    """
+    m = Wt.shape[2]
+    X, H = XH[:, :m], XH[:, m:]
+    both = H @ XH.mT  # [B, k, m + k]
+    viol = _hals_rows(Wt, both[:, :, m:], both[:, :, :m])
     if update_H:
         viol = viol + _hals_rows(H, Wt @ Wt.mT, Wt @ X)
     return viol
@@ -412,15 +421,16 @@ def _solve(
     Each matrix stops (its factors saved, frozen) at its own convergence; returns
     ``(Wt, H, n_iter [B], converged [B])``.
     """
-    B, dev = X.shape[0], X.device
+    B, dev, m = X.shape[0], X.device, X.shape[1]
     out_Wt, out_H = Wt.clone(), H.clone()
+    XH = torch.cat([X, H], dim=1)  # H lives in XH[:, m:] from here on (see _sweep)
     n_iter = torch.full((B,), max_iter, dtype=torch.long, device=dev)
     converged = torch.zeros(B, dtype=torch.bool, device=dev)
     ids = torch.arange(B, device=dev)  # batch index of each working-set row
     live = torch.ones(B, dtype=torch.bool, device=dev)  # working-set rows not yet stopped
     vinit: Optional[torch.Tensor] = None
     for it in range(1, max_iter + 1):
-        viol = _sweep(X, Wt, H, update_H)
+        viol = _sweep(XH, Wt, update_H)
         if vinit is None:
             vinit = viol
         done = (vinit == 0) | (viol <= tol * vinit)
@@ -428,7 +438,7 @@ def _solve(
         if bool(stop.any()):
             idx = ids[stop]
             out_Wt[idx] = Wt[stop]
-            out_H[idx] = H[stop]
+            out_H[idx] = XH[stop, m:]
             n_iter[idx] = it
             converged[idx] = done[stop]
             live = live & ~stop
@@ -438,7 +448,7 @@ def _solve(
             # Stopped rows stay in the working set (their saved factors are final) until
             # dropping them pays for copying X: compact once a quarter of the rows are done.
             if n_live <= 0.75 * live.numel():
-                ids, X, Wt, H, vinit = ids[live], X[live], Wt[live], H[live], vinit[live]
+                ids, XH, Wt, vinit = ids[live], XH[live], Wt[live], vinit[live]
                 live = torch.ones(n_live, dtype=torch.bool, device=dev)
     if bar is not None:
         bar.update(1)  # type: ignore[attr-defined]

@@ -77,7 +77,7 @@ def test_featurevis_cache_requests_are_what_render_stores(model, tmp_path):
     """The public featurevis helper the plan uses: its requests are the ones ``render`` stores
     (file names and the request saved in each file), with render-only arguments ignored."""
     from circuits.featurevis import FeatureVisCache, render
-    from circuits.featurevis.render import cache_requests as fv_requests
+    from circuits.featurevis import cache_requests as fv_requests
 
     targets = ["mixed3a:5", "logits:2"]
     opts = {"steps": 1, "seed": 11, "size": 20, "resize_to": 28, "redirected_relu": 3, "param": "pixel"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -226,3 +227,18 @@ def test_python_dash_m_subprocess(checkpoint, tmp_path):
     assert "Traceback" not in bad.stderr
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("circuits: error: unknown layer 'mixd3a'") and "mixed3a" in last
+
+
+def test_run_experiment_config_with_weights_and_out_shortcuts(capsys, checkpoint, tmp_path):
+    """`circuits run CONFIG --weights W --out DIR` = `--set weights=W out=DIR` (the way to point an
+    InceptionV1 figure config at inception5h.pth)."""
+    out_dir = tmp_path / "fig01"
+    code, out, err = _run(capsys, "run", str(REPO / "configs" / "fig01_nmf_fashion.yaml"), "--weights", checkpoint,
+                          "--out", str(out_dir))
+    assert code == 0, err
+    summary = json.loads((out_dir / "fig01_nmf.json").read_text())
+    assert summary["model"]["weights"] == checkpoint and summary["model"]["meaningful"] is True
+    assert str(out_dir / "fig01_nmf.png") in out.split()
+    code, _, err = _run(capsys, "run", str(REPO / "configs" / "fig01_nmf_fashion.yaml"), "--weights",
+                        str(tmp_path / "missing.pth"), "--out", str(tmp_path / "none"))
+    assert code == 2 and "missing.pth" in err

@@ -37,7 +37,7 @@ from circuits.featurevis.relu import RedirectedReLUFunction
 from circuits.layers import UnknownLayerError
 from circuits.models import FashionInception
 
-render_mod = importlib.import_module("circuits.featurevis.render")
+render_mod = importlib.import_module("circuits.featurevis.rendering")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -222,8 +222,8 @@ class AtlasPlan:
 def cache_requests(model: nn.Module, targets: Sequence[str], render: Mapping[str, Any], device_type: str = "cpu") -> list[dict]:
     """The featurevis cache request of each target (what :func:`~circuits.featurevis.render`
     with the plan's ``render`` settings on a ``device_type`` device stores); see
-    :func:`circuits.featurevis.render.cache_requests`."""
-    from ..featurevis.render import cache_requests as featurevis_requests
+    :func:`circuits.featurevis.rendering.cache_requests`."""
+    from ..featurevis.rendering import cache_requests as featurevis_requests
 
     return featurevis_requests(model, list(targets), device=device_type, **dict(render))
 

@@ -108,7 +108,7 @@ def _render_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: Resu
 
 _LAYOUT_ERROR = (
     "the render did not write the predicted cache file {rel}: circuits.featurevis changed its cache "
-    "request format without circuits.featurevis.render.cache_requests following it"
+    "request format without circuits.featurevis.rendering.cache_requests following it"
 )
 
 

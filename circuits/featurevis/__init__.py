@@ -9,7 +9,8 @@
     render(model, objectives.channel("mixed4a", 1) + 0.5 * objectives.neuron("mixed4a", 2))
 
 Modules: ``param`` (Fourier image + colour decorrelation), ``transforms`` (Lucid's robustness
-transforms as one affine resample), ``objectives``, ``relu`` (redirected ReLU), ``render``,
+transforms as one affine resample), ``objectives``, ``relu`` (redirected ReLU), ``rendering``
+(:func:`render`, :func:`variable_names`, :func:`cache_requests`),
 ``cache`` (disk cache by model hash + request), ``examples`` (dataset examples).
 """
 
@@ -19,12 +20,13 @@ from .examples import DatasetExamples, dataset_examples, objective_values
 from .objectives import Objective, as_objective, channel, direction, direction_cossim, neuron
 from .param import ImageParam
 from .relu import RedirectedReLUFunction, redirected_relu
-from .render import RenderResult, element_seed, render, variable_names
+from .rendering import RenderResult, cache_requests, element_seed, render, variable_names
 from .transforms import Transforms, default_transforms
 
 __all__ = [
     "render",
     "variable_names",
+    "cache_requests",
     "RenderResult",
     "element_seed",
     "objectives",
