@@ -12,7 +12,9 @@ converted to central moments), so a 128 MB tensor needs only a few 16 MB tempora
 - ``fro_norm`` (L2 norm of all values) and ``spectral_norm`` (largest singular value of the
   weight viewed as a matrix ``[out, in * kh * kw]``; conv weights ``[out, in, kh, kw]`` are
   reshaped so). It is exact (largest eigenvalue of the smaller Gram matrix, ``eigvalsh``)
-  when the matrix's smaller side is at most ``spectral_exact_max``, and otherwise a power
+  when the matrix's smaller side is at most ``spectral_exact_max`` (1024: up to there the Gram
+  product plus ``eigvalsh`` is also faster than power iteration on the CPU — 0.34 s vs 1.26 s
+  for all of ResNet-50's matrices), and otherwise a power
   iteration estimate (block power iteration, 8 vectors from a seeded random start, Ritz
   value, ``power_iters`` steps, stopped early when the estimate changes by less than
   ``power_tol`` relative): a lower bound, within ~1% on random-init matrices (where the top
@@ -76,7 +78,7 @@ class StatsConfig:
 
     zero_threshold: float = 1e-6
     spectral: str = "auto"
-    spectral_exact_max: int = 256
+    spectral_exact_max: int = 1024
     power_iters: int = 30
     power_tol: float = 1e-5
     seed: int = 0
@@ -278,7 +280,7 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 def spectral_norm(
     weight: torch.Tensor,
     method: str = "auto",
-    exact_max: int = 256,
+    exact_max: int = 1024,
     iters: int = 30,
     tol: float = 1e-5,
     seed: int = 0,
