@@ -324,7 +324,9 @@ def nmf(
     float dtype. The algorithm is HALS (cyclic coordinate descent, W then H each iteration),
     the same as scikit-learn's ``NMF(solver="cd")``, with its stopping rule applied *per
     matrix*: matrix ``b`` stops after the first iteration where the L1 norm of its projected
-    gradient is ``<= tol`` × that of iteration 1, and its factors are frozen there, so solving
+    gradient is ``<= tol`` × that of iteration 1 (or, for ``tol > 0``, at rounding level:
+    ``<= 32 eps`` × the L1 norm of ``W^T X`` and ``X H^T`` at the start, e.g. when the
+    initialisation is already optimal), and its factors are frozen there, so solving
     a batch gives what solving each matrix alone gives. Converged matrices are dropped from the
     working set, so the cost falls as they finish; per-matrix results do not depend on how the
     batch is chunked (``batch_size``).
@@ -423,6 +425,12 @@ def _solve(
     """
     B, dev, m = X.shape[0], X.device, X.shape[1]
     out_Wt, out_H = Wt.clone(), H.clone()
+    # A violation at rounding level (an initialisation that is already optimal, as NNDSVD is for
+    # k = 1) is noise; comparing noise with noise would make the stopping iteration depend on
+    # the matmul kernel's rounding, i.e. on the batch. Below this floor a matrix has converged.
+    noise = 32 * torch.finfo(X.dtype).eps * ((Wt @ X).abs().sum((1, 2)) + (H @ X.mT).abs().sum((1, 2)))
+    if tol == 0:  # tol = 0 promises every iteration
+        noise.fill_(-1.0)
     XH = torch.cat([X, H], dim=1)  # H lives in XH[:, m:] from here on (see _sweep)
     n_iter = torch.full((B,), max_iter, dtype=torch.long, device=dev)
     converged = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -433,7 +441,7 @@ def _solve(
         viol = _sweep(XH, Wt, update_H)
         if vinit is None:
             vinit = viol
-        done = (vinit == 0) | (viol <= tol * vinit)
+        done = (vinit == 0) | (viol <= tol * vinit) | (viol <= noise)
         stop = live if it == max_iter else done & live
         if bool(stop.any()):
             idx = ids[stop]
@@ -448,7 +456,7 @@ def _solve(
             # Stopped rows stay in the working set (their saved factors are final) until
             # dropping them pays for copying X: compact once a quarter of the rows are done.
             if n_live <= 0.75 * live.numel():
-                ids, XH, Wt, vinit = ids[live], XH[live], Wt[live], vinit[live]
+                ids, XH, Wt, vinit, noise = ids[live], XH[live], Wt[live], vinit[live], noise[live]
                 live = torch.ones(n_live, dtype=torch.bool, device=dev)
     if bar is not None:
         bar.update(1)  # type: ignore[attr-defined]

@@ -389,3 +389,15 @@ def test_chunking_does_not_change_results():
             assert torch.equal(part.n_iter, whole.n_iter)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         nmf(X, 2, batch_size=0)
+
+
+def test_rank_one_from_an_optimal_start_stops_at_once_batched_or_alone():
+    """For k = 1 NNDSVD is already optimal: the violation is rounding noise, so the stopping
+    iteration must not depend on the batch (a hypothesis counterexample: seed 973)."""
+    X = torch.rand(4, 5, 5, generator=torch.Generator().manual_seed(973), dtype=torch.float64)
+    X[0, 0] = 0
+    batched = nmf(X, 1, max_iter=150)
+    alone = [int(nmf(X[i], 1, max_iter=150).n_iter) for i in range(4)]
+    assert batched.n_iter.tolist() == alone
+    assert max(alone) <= 2
+    assert int(nmf(X[1], 1, max_iter=7, tol=0).n_iter) == 7  # tol=0 still runs every iteration
