@@ -30,6 +30,7 @@ from circuits.featurevis import (
     variable_names,
 )
 import importlib
+from circuits.featurevis import rendering as render_mod
 from circuits.featurevis import transforms as T
 from circuits.featurevis.objectives import as_objective, evaluate_batch
 from circuits.featurevis.param import _color_matrix, fft_scale
@@ -37,7 +38,6 @@ from circuits.featurevis.relu import RedirectedReLUFunction
 from circuits.layers import UnknownLayerError
 from circuits.models import FashionInception
 
-render_mod = importlib.import_module("circuits.featurevis.rendering")
 
 
 @pytest.fixture(autouse=True, scope="module")

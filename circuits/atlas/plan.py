@@ -223,7 +223,7 @@ def cache_requests(model: nn.Module, targets: Sequence[str], render: Mapping[str
     """The featurevis cache request of each target (what :func:`~circuits.featurevis.render`
     with the plan's ``render`` settings on a ``device_type`` device stores); see
     :func:`circuits.featurevis.rendering.cache_requests`."""
-    from ..featurevis.rendering import cache_requests as featurevis_requests
+    from ..featurevis import cache_requests as featurevis_requests
 
     return featurevis_requests(model, list(targets), device=device_type, **dict(render))
 
