@@ -6,10 +6,12 @@ axis to 3 non-negative factors and draw the factors' spatial maps as R, G, B.
 What this module offers:
 
 - :func:`posneg` – split signs: ``relu(x)`` and ``relu(-x)`` concatenated along ``dim``.
-- :func:`nmf` – a batched NMF solver in torch: many independent matrices ``[B, m, n]`` are
-  factored as one problem on the tensor's device (HALS / cyclic coordinate descent, the same
-  update order and stopping rule as scikit-learn's default ``solver="cd"``, with a batched
-  ``nndsvda`` initialisation). Each matrix stops on its own when it has converged.
+- :func:`nmf` – a batched NMF solver: many independent matrices ``[B, m, n]`` are factored
+  as one problem on the tensor's device (HALS / cyclic coordinate descent, the same update
+  order and stopping rule as scikit-learn's default ``solver="cd"``, with a batched
+  ``nndsvda`` initialisation). Each matrix stops on its own when it has converged. Two
+  backends run the same algorithm: batched torch ops (any device) and, on the CPU, a fused
+  kernel compiled with numba (``circuits._hals_cpu``) that keeps each matrix in cache.
 - :class:`NMFReducer` – a scikit-learn-style estimator that reduces any axis of an N-d numpy
   array or torch tensor (like Lucid/Lucent's ``ChannelReducer``), optionally with one axis
   indexing independent problems.
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -87,7 +89,15 @@ def _as_tensor(x: object, name: str = "X", device: Optional[Union[str, torch.dev
     return t
 
 
-def _check_finite(t: torch.Tensor, name: str) -> None:
+def _check_finite(t: torch.Tensor, name: str) -> float:
+    """Raise a ValueError naming the non-finite values of ``t``; return ``t``'s minimum."""
+    if t.numel() == 0:
+        return 0.0
+    # min and max propagate NaN, so both finite <=> every value finite: one cheap pass
+    # (40x faster than isfinite().all() on large weights); the counts only on failure
+    lo, hi = torch.aminmax(t)
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return float(lo)
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = int((~finite).sum())
@@ -96,6 +106,7 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
             f"{name} contains {bad} non-finite value(s) ({nan} NaN, {bad - nan} Inf) "
             f"out of {t.numel()}; NMF needs finite data"
         )
+    return float(lo)
 
 
 def _check_k(k: object, m: int, n: int) -> int:
@@ -289,8 +300,7 @@ def _prepare(X: object, k: object, max_iter: object, tol: object, init: str) -> 
         t = t[None]
     if t.shape[0] == 0 or t.shape[1] == 0 or t.shape[2] == 0:
         raise ValueError(f"X must not be empty; got shape {tuple(t.shape)}")
-    _check_finite(t, "X")
-    lo = float(t.min())
+    lo = _check_finite(t, "X")
     if lo < 0:
         raise ValueError(
             f"NMF needs non-negative data; X has negative values (min {lo:.4g}). "
@@ -317,6 +327,7 @@ def nmf(
     H: Optional[ArrayLike] = None,
     batch_size: Optional[int] = None,
     progress: bool = False,
+    backend: str = "auto",
 ) -> NMFResult:
     """Factor one matrix ``[m, n]`` or many independent ones ``[B, m, n]``: ``X ≈ W @ H``.
 
@@ -343,9 +354,17 @@ def nmf(
         H: fixed components ``[k, n]`` or ``[B, k, n]``: solve only for ``W`` (``transform``).
             ``W`` starts at ``sqrt(mean(X)/k)`` as in scikit-learn.
         batch_size: solve at most this many matrices at a time (results do not depend on
-            it). Default: everything at once on a GPU; chunks of about 8 MB of ``X`` on the CPU,
-            which stay in cache across iterations.
+            it). Default: everything at once on a GPU and with the CPU kernel (which keeps one
+            matrix per thread in cache; with ``progress`` it goes in 20 chunks to move the
+            bar); chunks of about 8 MB of ``X`` for the torch backend on the CPU.
         progress: show a tqdm bar (one step per chunk of matrices).
+        backend: ``"auto"`` (default): ``"numba"`` for float32/float64 data on the CPU when
+            numba is installed, else ``"torch"``. ``"numba"``: a fused HALS kernel compiled
+            with numba that solves each matrix in one thread with its ``X`` in cache, the
+            matrices shared over ``torch.get_num_threads()`` threads (CPU only; 2-3x faster
+            than ``"torch"`` there; the first call in a fresh install compiles it, a few
+            seconds, cached on disk). ``"torch"``: batched torch ops on any device. Both run
+            the same algorithm and stopping rule; results agree up to float rounding.
 
     Returns:
         :class:`NMFResult` with ``W [B, m, k]``, ``H [B, k, n]`` (no ``B`` for a 2-d ``X``).
@@ -360,9 +379,13 @@ def nmf(
     Xt, k, batched = _prepare(X, n_components, max_iter, tol, init)
     B, m, n = Xt.shape
     dev, dtype = Xt.device, Xt.dtype
+    kernel = _cpu_kernel(backend, Xt)
     if batch_size is None:
-        # CPU: chunks of about 8 MB of X stay in cache across iterations; GPU: everything at once.
-        batch_size = B if dev.type != "cpu" else max(1, (8 << 20) // (m * n * Xt.element_size()))
+        if kernel is not None:  # each matrix is solved alone anyway; chunks only pace the bar
+            batch_size = -(-B // 20) if progress else B
+        else:
+            # CPU: chunks of about 8 MB of X stay in cache across iterations; GPU: everything at once.
+            batch_size = B if dev.type != "cpu" else max(1, (8 << 20) // (m * n * Xt.element_size()))
     elif isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int or None; got {batch_size!r}")
     Hfix: Optional[torch.Tensor] = None
@@ -402,13 +425,17 @@ def nmf(
         else:
             W0, Hc = _nndsvd(Xc, k, fill=init == "nndsvda")
             Wc = W0.mT.contiguous()
-        parts.append(_solve(Xc, Wc, Hc, Hfix is None, max_iter, float(tol), bar))
+        if kernel is None:
+            parts.append(_solve(Xc, Wc, Hc, Hfix is None, max_iter, float(tol), bar))
+        else:
+            parts.append(_solve_kernel(kernel, Xc, Wc, Hc, Hfix is None, max_iter, float(tol), bar))
     if bar is not None:
         bar.close()
-    Wt, Hs, n_iter, converged = (torch.cat(t) for t in zip(*parts))
+    Wt, Hs, n_iter, converged = (torch.cat([p[i] for p in parts]) for i in range(4))
 
     W = Wt.mT.contiguous()
-    err = _recon_err(Xt, W, Hs)
+    # the CPU kernel reports the error itself (X still in cache); the torch path computes it here
+    err = torch.cat([p[4] for p in parts]) if kernel is not None else _recon_err(Xt, W, Hs)
     rel, expl = _fraction(err, Xt.flatten(1).norm(dim=1))
     if not batched:
         return NMFResult(W[0], Hs[0], n_iter[0], converged[0], err[0], rel[0], expl[0])
@@ -463,6 +490,59 @@ def _solve(
     return out_Wt, out_H, n_iter, converged
 
 
+_BACKENDS = ("auto", "numba", "torch")
+
+
+def _cpu_kernel(backend: object, X: torch.Tensor) -> Optional[Any]:
+    """The numba HALS module when ``backend`` asks for it (or ``"auto"`` allows it), else None."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
+    if backend == "torch":
+        return None
+    usable = X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64)
+    if backend == "numba" and not usable:
+        raise ValueError(
+            f'backend="numba" runs on the CPU in float32 or float64; X is {X.dtype} on {X.device}. '
+            'Use backend="torch" (or "auto").'
+        )
+    if not usable:
+        return None
+    try:
+        from . import _hals_cpu
+    except ImportError as e:
+        if backend == "numba":
+            raise ImportError(f'backend="numba" needs numba (pip install numba): {e}') from e
+        return None
+    return _hals_cpu
+
+
+def _solve_kernel(
+    kernel: Any, X: torch.Tensor, Wt: torch.Tensor, H: torch.Tensor, update_H: bool, max_iter: int, tol: float,
+    bar: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_solve` by the compiled CPU kernel (module ``circuits._hals_cpu``): the same
+    updates and stopping rule, per matrix; also returns ``||X - W H||_F [B]``."""
+    Xn = X.detach().contiguous().numpy()
+    Wt = Wt.detach().contiguous().clone()
+    H = H.detach().contiguous().clone()
+    n_iter = torch.zeros(X.shape[0], dtype=torch.long)
+    converged = torch.zeros(X.shape[0], dtype=torch.bool)
+    error = torch.zeros(X.shape[0], dtype=torch.float64)
+    noise_scale = -1.0 if tol == 0 else 32 * torch.finfo(X.dtype).eps  # see _solve
+    with kernel.LOCK:  # one torch knob for threads: torch.set_num_threads governs this too
+        numba = kernel.numba
+        threads = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        try:
+            kernel.hals_batch(Xn, Wt.numpy(), H.numpy(), update_H, max_iter, tol, noise_scale,
+                              n_iter.numpy(), converged.numpy(), error.numpy())
+        finally:
+            numba.set_num_threads(threads)
+    if bar is not None:
+        bar.update(1)  # type: ignore[attr-defined]
+    return Wt, H, n_iter, converged, error.to(X.dtype)
+
+
 def _recon_err(X: torch.Tensor, W: torch.Tensor, H: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """``||X - W H||_F`` per matrix ``[B]``, computed in chunks of the batch."""
     out = [
@@ -492,7 +572,7 @@ class NMFReducer:
         n_components: ``k``.
         axis: the axis reduced (features), default last (channels-last activations).
         batch_axis: optional axis of independent problems.
-        max_iter, tol, init, seed: as :func:`nmf`.
+        max_iter, tol, init, seed, backend: as :func:`nmf`.
         device: where to compute (default: the input's device; numpy → CPU).
 
     Example::
@@ -518,6 +598,7 @@ class NMFReducer:
         seed: int = 0,
         device: Optional[Union[str, torch.device]] = None,
         progress: bool = False,
+        backend: str = "auto",
     ):
         if isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral) or n_components < 1:
             raise ValueError(f"n_components must be a positive int; got {n_components!r}")
@@ -530,6 +611,7 @@ class NMFReducer:
         self.seed = seed
         self.device = device
         self.progress = progress
+        self.backend = backend
         self._H: Optional[torch.Tensor] = None
 
     def __repr__(self) -> str:
@@ -589,7 +671,7 @@ class NMFReducer:
         flat, mid, ax, bax = self._flatten(X)
         r = nmf(
             flat, self.n_components, max_iter=self.max_iter, tol=self.tol, init=self.init,
-            seed=self.seed, progress=self.progress,
+            seed=self.seed, progress=self.progress, backend=self.backend,
         )
         self._H = r.H
         self._ref = X
@@ -621,7 +703,8 @@ class NMFReducer:
                 f"X has {flat.shape[-1]} features along axis {ax} (batch {flat.shape[0]}); "
                 f"this reducer was fitted on {H.shape[-1]} features (batch {H.shape[0]})"
             )
-        r = nmf(flat, self.n_components, max_iter=self.max_iter, tol=self.tol, H=H.to(flat.device, flat.dtype))
+        r = nmf(flat, self.n_components, max_iter=self.max_iter, tol=self.tol, H=H.to(flat.device, flat.dtype),
+                backend=self.backend)
         return _like(self._unflatten(r.W, mid, ax, bax), X)
 
     def inverse_transform(self, Y: ArrayLike) -> ArrayLike:

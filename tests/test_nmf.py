@@ -48,10 +48,11 @@ def _posneg_neurons(w: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- vs scikit-learn
 
 
-def test_matches_sklearn_on_random_weights():
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_matches_sklearn_on_random_weights(backend):
     w = torch.randn(24, 16, 5, 5, generator=torch.Generator().manual_seed(0))
     X = _posneg_neurons(w)
-    ours = nmf(X, 3, max_iter=100).reconstruction_err.numpy()
+    ours = nmf(X, 3, max_iter=100, backend=backend).reconstruction_err.numpy()
     theirs = _sklearn_errors(X.numpy(), 3, 100)
     assert np.all(ours <= 1.02 * theirs), (ours / theirs).max()
 
@@ -121,18 +122,86 @@ def test_exact_rank_k_data_is_reconstructed(m, n, k, seed):
 
 
 @FAST
-@given(B=st.integers(1, 6), m=st.integers(2, 10), n=st.integers(2, 20), k=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_batched_equals_each_alone(B, m, n, k, seed):
+@given(B=st.integers(1, 6), m=st.integers(2, 10), n=st.integers(2, 20), k=st.integers(1, 3), seed=st.integers(0, 2**16),
+       backend=st.sampled_from(["numba", "torch"]))
+def test_batched_equals_each_alone(B, m, n, k, seed, backend):
     k = min(k, m, n)
     X = torch.rand(B, m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     X[0, 0] = 0  # a zero row, and different convergence speeds across the batch
-    rb = nmf(X, k, max_iter=150)
+    rb = nmf(X, k, max_iter=150, backend=backend)
     for i in range(B):
-        ra = nmf(X[i], k, max_iter=150)
+        ra = nmf(X[i], k, max_iter=150, backend=backend)
         assert int(ra.n_iter) == int(rb.n_iter[i])
         torch.testing.assert_close(ra.W, rb.W[i], rtol=1e-7, atol=1e-9)
         torch.testing.assert_close(ra.H, rb.H[i], rtol=1e-7, atol=1e-9)
         torch.testing.assert_close(ra.reconstruction_err, rb.reconstruction_err[i])
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+@pytest.mark.parametrize("init", ["nndsvda", "random"])
+def test_numba_kernel_matches_the_torch_solver(init):
+    """Same algorithm, same stopping rule: in float64 the two backends agree to rounding."""
+    w = torch.randn(16, 12, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    X = _posneg_neurons(w)
+    X[3] = 0  # a dead neuron
+    a = nmf(X, 3, max_iter=80, init=init, backend="numba")
+    b = nmf(X, 3, max_iter=80, init=init, backend="torch")
+    assert torch.equal(a.n_iter, b.n_iter) and torch.equal(a.converged, b.converged)
+    torch.testing.assert_close(a.W, b.W, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(a.H, b.H, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(a.reconstruction_err, b.reconstruction_err, rtol=1e-10, atol=1e-12)
+    assert a.reconstruction_err[3] == 0 and a.n_iter[3] == 1
+    # transform (H fixed) too, and float32 within float32 rounding
+    Ha = nmf(X, 3, H=a.H, max_iter=30, backend="numba")
+    Hb = nmf(X, 3, H=a.H, max_iter=30, backend="torch")
+    torch.testing.assert_close(Ha.W, Hb.W, rtol=1e-8, atol=1e-10)
+    assert torch.equal(Ha.H, a.H)  # H stays fixed
+    a32 = nmf(X.float(), 3, max_iter=80, backend="numba")
+    b32 = nmf(X.float(), 3, max_iter=80, backend="torch")
+    torch.testing.assert_close(a32.reconstruction_err, b32.reconstruction_err, rtol=1e-4, atol=1e-5)
+
+
+def test_numba_results_do_not_depend_on_threads_and_allow_concurrent_callers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    X = _posneg_neurons(torch.randn(40, 16, 5, 5, generator=torch.Generator().manual_seed(2)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = nmf(X, 3, backend="numba")
+        torch.set_num_threads(2)
+        two = nmf(X, 3, backend="numba")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.W, two.W) and torch.equal(one.H, two.H) and torch.equal(one.n_iter, two.n_iter)
+    # numba's fallback threading layer aborts the process on concurrent entry; nmf serialises it
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: nmf(X, 3, backend="numba"), range(4)))
+    for r in results:
+        assert torch.equal(r.W, one.W) and torch.equal(r.H, one.H)
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    import sys
+
+    import circuits
+
+    X = torch.rand(3, 5, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'numba', 'torch'\); got 'cuda'"):
+        nmf(X, 2, backend="cuda")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r'backend="numba" runs on the CPU .* X is torch.float32 on cuda'):
+            nmf(X.float().cuda(), 2, backend="numba")
+    # without numba, auto falls back to the torch solver and "numba" says what is missing
+    monkeypatch.delattr(circuits, "_hals_cpu", raising=False)
+    monkeypatch.setitem(sys.modules, "circuits._hals_cpu", None)
+    auto = nmf(X, 2, max_iter=50)
+    ref = nmf(X, 2, max_iter=50, backend="torch")
+    assert torch.equal(auto.W, ref.W) and torch.equal(auto.n_iter, ref.n_iter)
+    with pytest.raises(ImportError, match=r'backend="numba" needs numba'):
+        nmf(X, 2, backend="numba")
 
 
 def test_seed_makes_random_init_repeatable():
