@@ -98,26 +98,28 @@ def test_posneg_inverts_by_subtraction(shape, seed, data, use_numpy):
     assert torch.equal(a - b, x)
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 @FAST
 @given(m=st.integers(1, 12), n=st.integers(1, 12), k=st.integers(1, 4), seed=st.integers(0, 2**16), init=st.sampled_from(["nndsvda", "nndsvd", "random"]))
-def test_factors_are_nonnegative(m, n, k, seed, init):
+def test_factors_are_nonnegative(backend, m, n, k, seed, init):
     k = min(k, m, n)
     X = torch.rand(3, m, n, generator=torch.Generator().manual_seed(seed))
-    r = nmf(X, k, max_iter=20, init=init, seed=seed)
+    r = nmf(X, k, max_iter=20, init=init, seed=seed, backend=backend)
     assert r.W.shape == (3, m, k) and r.H.shape == (3, k, n)
     assert (r.W >= 0).all() and (r.H >= 0).all()
     assert torch.isfinite(r.W).all() and torch.isfinite(r.H).all()
     assert ((r.explained_variance >= -1e-6) & (r.explained_variance <= 1 + 1e-6)).all()
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 @FAST
 @given(m=st.integers(2, 14), n=st.integers(2, 14), k=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_exact_rank_k_data_is_reconstructed(m, n, k, seed):
+def test_exact_rank_k_data_is_reconstructed(backend, m, n, k, seed):
     k = min(k, m, n)
     g = torch.Generator().manual_seed(seed)
     W = torch.rand(4, m, k, generator=g, dtype=torch.float64)
     H = torch.rand(4, k, n, generator=g, dtype=torch.float64)
-    r = nmf(W @ H, k, max_iter=300, tol=0)
+    r = nmf(W @ H, k, max_iter=300, tol=0, backend=backend)
     assert (r.rel_error < 0.05).all(), r.rel_error
 
 
