@@ -361,7 +361,7 @@ def nmf(
         backend: ``"auto"`` (default): ``"numba"`` for float32/float64 data on the CPU when
             numba is installed, else ``"torch"``. ``"numba"``: a fused HALS kernel compiled
             with numba that solves each matrix in one thread with its ``X`` in cache, the
-            matrices shared over ``torch.get_num_threads()`` threads (CPU only; 2-3x faster
+            matrices shared over ``torch.get_num_threads()`` threads (CPU only; about 3x faster
             than ``"torch"`` there; the first call in a fresh install compiles it, a few
             seconds, cached on disk). ``"torch"``: batched torch ops on any device. Both run
             the same algorithm and stopping rule; results agree up to float rounding.
