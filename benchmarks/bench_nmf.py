@@ -32,6 +32,12 @@ from circuits.nmf import nmf, posneg
 from .common import report, timeit
 
 
+def _neuron_matrices(w: torch.Tensor) -> torch.Tensor:
+    """Conv weights ``[out, in, kh, kw]`` → per neuron ``posneg(W_o)`` as ``[out, kh*kw, 2*in]``."""
+    out_c, in_c, kh, kw = w.shape
+    return posneg(w, 1).reshape(out_c, 2 * in_c, kh * kw).mT.contiguous()
+
+
 def _sklearn_loop(X: np.ndarray, k: int, max_iter: int, tol: float) -> np.ndarray:
     from sklearn.decomposition import NMF
 
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     kh = kw = args.kernel
     w = torch.randn(args.neurons, args.in_channels, kh, kw, generator=g)
-    X = posneg(w, 1).reshape(args.neurons, 2 * args.in_channels, kh * kw).mT.contiguous()  # [N, 25, 1024]
+    X = _neuron_matrices(w)  # [N, 25, 1024]
     Xn = X.numpy()
     Xd = X.to(args.device)
     print(f"NMF of {args.neurons} neurons: X [{args.neurons}, {kh * kw}, {2 * args.in_channels}] float32, k={args.k}, "
@@ -153,13 +159,14 @@ def trained_layers(k: int, max_iter: int, tol: float) -> dict:
     rows = {}
     for name in TRAINED_LAYERS:
         w = get_layer(trained, f"{name}_pre_relu_conv").weight.detach()
-        out_c, in_c, kh, kw = w.shape
-        X = posneg(w, 1).reshape(out_c, 2 * in_c, kh * kw).mT.contiguous()
-        ours = nmf(X, k, max_iter=max_iter, tol=tol).reconstruction_err.numpy()
-        ratio = ours / _sklearn_loop(X.numpy(), k, max_iter, tol)
-        f = neuron_factors(w, k)
+        # one factorisation serves both: neuron_factors solves nmf(_neuron_matrices(w)) and
+        # reports its error relative to ||W_o|| (= ||X_o||)
+        f = neuron_factors(w, k, max_iter=max_iter, tol=tol)
+        ours = (f.rel_error * w.flatten(1).norm(dim=1)).numpy()
+        ratio = ours / _sklearn_loop(_neuron_matrices(w).numpy(), k, max_iter, tol)
         band = banding_score(f)
-        band_random = banding_score(neuron_factors(get_layer(random_init, f"{name}_pre_relu_conv").weight.detach(), k))
+        band_random = banding_score(neuron_factors(get_layer(random_init, f"{name}_pre_relu_conv").weight.detach(), k,
+                                                    max_iter=max_iter, tol=tol))
         rows[name] = dict(ratio_max=float(ratio.max()), ratio_mean=float(ratio.mean()), explained=float(f.explained.mean()),
                           banding=float(band.mean()), banded=float((band > 0.5).float().mean()),
                           banding_random=float(band_random.mean()), banded_random=float((band_random > 0.5).float().mean()))

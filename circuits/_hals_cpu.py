@@ -49,20 +49,16 @@ def _sweep_rows(F, G, P, grad):  # pragma: no cover - compiled
             for j in range(L):
                 grad[j] += g * F[r, j]
         hess = G[t, t]
+        move = hess != 0  # else the t-th factor of A is zero: grad is 0 too, nothing moves
         zero = grad[0] * 0  # typed zero: keeps float32 data in float32, so the loops vectorise
         v = zero  # vectorised partial sums keep this accurate
-        if hess != 0:
-            for j in range(L):
-                f = F[t, j]
-                gj = grad[j]
-                pg = gj if f > 0 else min(gj, zero)
-                v += abs(pg)
+        for j in range(L):
+            f = F[t, j]
+            gj = grad[j]
+            pg = gj if f > 0 else min(gj, zero)
+            v += abs(pg)
+            if move:
                 F[t, j] = max(f - gj / hess, zero)
-        else:  # the t-th factor of A is zero: grad is 0 too, nothing moves
-            for j in range(L):
-                gj = grad[j]
-                pg = gj if F[t, j] > 0 else min(gj, zero)
-                v += abs(pg)
         viol += v
     return viol
 
@@ -171,11 +167,3 @@ def hals_batch(X, Wt, H, update_H, max_iter, tol, noise_scale, n_iter, converged
         n_iter[b] = it
         converged[b] = ok
         error[b] = _residual_norm(X[b], Wt[b], H[b], grad)
-
-
-def threading_layer() -> str:
-    """The threading layer numba uses (after the first parallel call), for reports."""
-    try:
-        return str(numba.threading_layer())
-    except ValueError:
-        return "not started"

@@ -452,11 +452,9 @@ def _solve(
     """
     B, dev, m = X.shape[0], X.device, X.shape[1]
     out_Wt, out_H = Wt.clone(), H.clone()
-    # A violation at rounding level (an initialisation that is already optimal, as NNDSVD is for
-    # k = 1) is noise; comparing noise with noise would make the stopping iteration depend on
-    # the matmul kernel's rounding, i.e. on the batch. Below this floor a matrix has converged.
-    noise = 32 * torch.finfo(X.dtype).eps * ((Wt @ X).abs().sum((1, 2)) + (H @ X.mT).abs().sum((1, 2)))
-    if tol == 0:  # tol = 0 promises every iteration
+    scale = _noise_scale(tol, X.dtype)
+    noise = scale * ((Wt @ X).abs().sum((1, 2)) + (H @ X.mT).abs().sum((1, 2)))
+    if scale < 0:
         noise.fill_(-1.0)
     XH = torch.cat([X, H], dim=1)  # H lives in XH[:, m:] from here on (see _sweep)
     n_iter = torch.full((B,), max_iter, dtype=torch.long, device=dev)
@@ -490,6 +488,17 @@ def _solve(
     return out_Wt, out_H, n_iter, converged
 
 
+def _noise_scale(tol: float, dtype: torch.dtype) -> float:
+    """Factor of the violation floor ``scale * (|W^T X|_1 + |X H^T|_1)`` (at the start), or -1
+    for none (``tol = 0`` promises every iteration).
+
+    A violation at rounding level (an initialisation that is already optimal, as NNDSVD is for
+    k = 1) is noise; comparing noise with noise would make the stopping iteration depend on the
+    matmul kernel's rounding, i.e. on the batch. Below this floor a matrix has converged.
+    """
+    return -1.0 if tol == 0 else 32 * torch.finfo(dtype).eps
+
+
 _BACKENDS = ("auto", "numba", "torch")
 
 
@@ -499,7 +508,7 @@ def _cpu_kernel(backend: object, X: torch.Tensor) -> Optional[Any]:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
     if backend == "torch":
         return None
-    usable = X.device.type == "cpu" and X.dtype in (torch.float32, torch.float64)
+    usable = X.device.type == "cpu"  # X is float32 or float64 (_prepare), as the kernel needs
     if backend == "numba" and not usable:
         raise ValueError(
             f'backend="numba" runs on the CPU in float32 or float64; X is {X.dtype} on {X.device}. '
@@ -528,13 +537,12 @@ def _solve_kernel(
     n_iter = torch.zeros(X.shape[0], dtype=torch.long)
     converged = torch.zeros(X.shape[0], dtype=torch.bool)
     error = torch.zeros(X.shape[0], dtype=torch.float64)
-    noise_scale = -1.0 if tol == 0 else 32 * torch.finfo(X.dtype).eps  # see _solve
     with kernel.LOCK:  # one torch knob for threads: torch.set_num_threads governs this too
         numba = kernel.numba
         threads = numba.get_num_threads()
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         try:
-            kernel.hals_batch(Xn, Wt.numpy(), H.numpy(), update_H, max_iter, tol, noise_scale,
+            kernel.hals_batch(Xn, Wt.numpy(), H.numpy(), update_H, max_iter, tol, _noise_scale(tol, X.dtype),
                               n_iter.numpy(), converged.numpy(), error.numpy())
         finally:
             numba.set_num_threads(threads)

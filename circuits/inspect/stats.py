@@ -280,10 +280,10 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 def spectral_norm(
     weight: torch.Tensor,
     method: str = "auto",
-    exact_max: int = 1024,
-    iters: int = 30,
-    tol: float = 1e-5,
-    seed: int = 0,
+    exact_max: int = StatsConfig.spectral_exact_max,
+    iters: int = StatsConfig.power_iters,
+    tol: float = StatsConfig.power_tol,
+    seed: int = StatsConfig.seed,
     block: int = 8,
 ) -> tuple[float, str]:
     """Largest singular value of ``weight`` viewed as ``[out, in * kh * kw]``.
