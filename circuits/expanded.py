@@ -76,7 +76,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .layers import check_channel, get_layer, parse_target, replace_activation, run_until
+from .layers import centre, check_channel, get_layer, parse_target, replace_activation, run_until
 
 __all__ = [
     "UnsupportedNonlinearityError",
@@ -479,7 +479,7 @@ def _run_linear(
 
 
 def _centre(out: torch.Tensor) -> tuple[int, int]:
-    return (out.shape[-2] - 1) // 2, (out.shape[-1] - 1) // 2
+    return centre(out.shape[-2], out.shape[-1])
 
 
 def _not_downstream(from_layer: str, to_layer: str) -> ValueError:

@@ -37,6 +37,7 @@ __all__ = [
     "run_until",
     "parse_target",
     "check_channel",
+    "centre",
 ]
 
 
@@ -119,6 +120,23 @@ def parse_target(spec: Union[str, Target]) -> Target:
     if not text:
         raise ValueError(f"target {spec!r} has no layer name")
     return Target(text, channel, position)
+
+
+def centre(h: int, w: int) -> tuple[int, int]:
+    """The centre position ``(y, x)`` of an ``h × w`` map: ``(h // 2, w // 2)``.
+
+    The one definition used everywhere "the neuron" means a channel at the centre (feature
+    visualization objectives, expanded weights, per-example connections, dataset examples).
+    It is Lucid's convention; on an even side it is the lower/right of the two middle cells
+    (7 on a 14-wide map), on an odd side the middle cell.
+
+    Example:
+        >>> centre(14, 14), centre(7, 5)
+        ((7, 7), (3, 2))
+    """
+    if h < 1 or w < 1:
+        raise ValueError(f"a map has a centre only when it is at least 1×1, got {h}×{w}")
+    return h // 2, w // 2
 
 
 def check_channel(layer: str, channel: int, n_channels: int) -> None:

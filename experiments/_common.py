@@ -36,7 +36,7 @@ from torch import nn
 from circuits.expanded import connection_weights
 from circuits.featurevis import render
 from circuits.featurevis.objectives import Objective
-from circuits.layers import get_layer, parse_target, run_until
+from circuits.layers import centre, get_layer, parse_target, run_until
 from circuits.models import input_shape, load_model
 
 __all__ = [
@@ -344,7 +344,7 @@ def centre_activation(model: nn.Module, images01: torch.Tensor, layer: str, chan
     with torch.no_grad():
         a = run_until(model, preprocess_input(model, images01), [layer])[layer]
     if a.ndim == 4:
-        return a[:, channel, a.shape[2] // 2, a.shape[3] // 2]
+        return a[(slice(None), channel, *centre(a.shape[2], a.shape[3]))]
     return a[:, channel]
 
 

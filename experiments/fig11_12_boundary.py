@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from _common import feature_vis, resolve_target, sparse_images, start, weights_between
 from circuits.expanded import expanded_weights, linearized, per_example_connections
 from circuits.figures import DIVERGING, FigureResult, small_multiples, symmetric_limit
-from circuits.layers import replace_activation, run_until
+from circuits.layers import centre, replace_activation, run_until
 from circuits.models import input_shape
 
 
@@ -70,7 +70,7 @@ def path_contributions(model, src: str, mid: str, dst: str, dst_ch: int, mids: l
 
     with torch.enable_grad(), linearized(model), replace_activation(model, src, free), replace_activation(model, mid, mask):
         out = run_until(model, x, [dst])[dst]
-        sel = out[:, dst_ch, out.shape[2] // 2, out.shape[3] // 2].sum()
+        sel = out[(slice(None), dst_ch, *centre(out.shape[2], out.shape[3]))].sum()
         (g,) = torch.autograd.grad(sel, store["free"])
     return g.detach()
 

@@ -17,6 +17,22 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch (and BLAS/OpenMP) thread for a test module (its module fixtures included).
+
+    The CPU is small and shared: for the tiny convolutions and per-channel loops of these
+    tests, one thread is as fast, and two threads on a busy 2-core machine thrash.
+    """
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def inception():
     from circuits.models import InceptionV1

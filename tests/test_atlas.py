@@ -28,17 +28,11 @@ from circuits.atlas import (
 from circuits.atlas.plan import AtlasPlan, batch_size_for
 from circuits.layers import UnknownLayerError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 SETTINGS = dict(steps=2, top_k=2, dataset_size=64, n_examples=3, seed=3)
 LAYERS = ["mixed3a", "mixed3b", "mixed4a"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: the CPU is shared, and Ray's workers use one thread each too."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

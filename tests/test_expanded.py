@@ -27,13 +27,7 @@ from circuits.models import FASHION_WEIGHTS, FashionInception, InceptionV1
 from circuits.models._blocks import MaxPool2dSame
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: one thread avoids oversubscription stalls in the per-channel loops."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,19 +18,13 @@ from circuits.experiment import ExperimentError, apply_overrides, find_experimen
 from circuits.layers import get_layer
 from circuits.nmf import family_factors, neuron_factors, weight_banding
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 TINY = {"render.steps": 1, "render.size": 32, "render.resize_to": 32, "render.cache": False,
         "render.progress": False, "formats": ["png"], "dpi": 40, "nmf.max_iter": 50}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two threads on a busy 2-core machine are ~50x slower than one for these small convs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

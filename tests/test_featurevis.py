@@ -39,14 +39,7 @@ from circuits.layers import UnknownLayerError
 from circuits.models import FashionInception
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions: one thread is as fast, and far faster on a shared, busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,16 +29,8 @@ from circuits.inspect import (  # noqa: E402
 from circuits.layers import capture  # noqa: E402
 from circuits.models import FashionInception  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """This shared 2-core machine is oversubscribed: one thread avoids OpenMP thrashing."""
-    from threadpoolctl import threadpool_limits
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

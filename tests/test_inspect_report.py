@@ -16,16 +16,7 @@ from circuits.inspect.report import add_inspect_subcommand
 from circuits.models import FashionInception, save_state_dict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """This shared 2-core machine is oversubscribed: one thread avoids OpenMP thrashing."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tensorboard_logger_histograms_every_n_steps(tmp_path):

@@ -17,16 +17,8 @@ from hypothesis import strategies as st
 from circuits.inspect import StatsTable, default_init_std, spectral_norm, tensor_stats, weight_stats
 from circuits.models import FashionInception
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """This shared 2-core machine is oversubscribed: one thread avoids OpenMP thrashing."""
-    from threadpoolctl import threadpool_limits
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(x: np.ndarray) -> dict:

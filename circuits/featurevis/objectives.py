@@ -29,7 +29,7 @@ from typing import Mapping, Sequence, Union
 import numpy as np
 import torch
 
-from ..layers import Target, check_channel, parse_target
+from ..layers import Target, centre, check_channel, parse_target
 
 __all__ = [
     "Objective",
@@ -129,7 +129,7 @@ def _at(t: torch.Tensor, position: Position) -> torch.Tensor:
     if t.ndim == 2:
         return t
     if position == "center":
-        return t[:, :, t.shape[-2] // 2, t.shape[-1] // 2]
+        return t[(slice(None), slice(None), *centre(t.shape[-2], t.shape[-1]))]
     y, x = position  # type: ignore[misc]
     return t[:, :, y, x]
 
