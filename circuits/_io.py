@@ -1,4 +1,5 @@
-"""Atomic file writing and content hashing, shared by every module that writes to disk."""
+"""File utilities shared by every module that reads or writes disk: atomic writes, content
+hashes, an output-folder check and YAML reading with one-line errors."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Any, Iterator, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PathLike = Union[str, os.PathLike]
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message is one line that says why."""
 
 
 @contextlib.contextmanager
@@ -58,8 +64,13 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def state_dict_hash(module_or_state: Union[torch.nn.Module, dict]) -> str:
-    """A short content hash of a model's parameters and buffers (names, shapes, dtypes, values)."""
+def state_dict_hash(module_or_state: Union["torch.nn.Module", dict]) -> str:
+    """A short content hash of a model's parameters and buffers (names, shapes, dtypes, values).
+
+    0-dim tensors (e.g. batch norm's ``num_batches_tracked``) and empty tensors hash too.
+    """
+    import torch
+
     state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
     h = hashlib.sha256()
     for name in sorted(state):
@@ -70,5 +81,40 @@ def state_dict_hash(module_or_state: Union[torch.nn.Module, dict]) -> str:
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def check_writable(out_dir: PathLike) -> Path:
+    """Create ``out_dir`` if needed and prove a file can be written there.
+
+    Raises ``PermissionError`` / ``NotADirectoryError`` with a message that names the folder,
+    before any expensive work starts and without leaving anything behind.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output path {out} exists and is not a folder; choose another with --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except PermissionError:
+        raise PermissionError(f"cannot write to output folder {out}: permission denied; choose another with --out") from None
+    except OSError as exc:
+        raise PermissionError(f"cannot write to output folder {out}: {exc.strerror or exc}; choose another with --out") from None
+    return out
+
+
+def read_yaml(path: PathLike, what: str = "config file") -> Any:
+    """The YAML document in ``path``; :class:`ConfigError` (one line) for a missing file or bad YAML."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p} is not a text (UTF-8) file, so not a YAML {what}") from None

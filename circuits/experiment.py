@@ -56,15 +56,13 @@ def load_config(config: Union[str, os.PathLike, Mapping[str, Any]]) -> dict[str,
         cfg.setdefault("_config_path", None)
         cfg.setdefault("_config_dir", None)
     elif isinstance(config, (str, os.PathLike)):
-        import yaml
+        from ._io import ConfigError, read_yaml
 
         path = Path(config).expanduser()
-        if not path.is_file():
-            raise ExperimentError(f"config file not found: {path}")
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ExperimentError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            doc = read_yaml(path)
+        except ConfigError as exc:
+            raise ExperimentError(str(exc)) from None
         if not isinstance(doc, dict):
             raise ExperimentError(f"{path} must hold a YAML mapping (key: value lines); got {type(doc).__name__}")
         cfg = doc

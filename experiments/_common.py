@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -37,7 +36,8 @@ from circuits.expanded import connection_weights
 from circuits.featurevis import render
 from circuits.featurevis.objectives import Objective
 from circuits.layers import centre, get_layer, parse_target, run_until
-from circuits.models import input_shape, load_model
+from circuits.models import resolve_model
+from circuits.wiring import layer_graph
 
 __all__ = [
     "Run",
@@ -169,13 +169,13 @@ def model_from_config(config: dict) -> tuple[nn.Module, dict]:
     random_init = weights == "random" or (weights is None and name not in ("fashion-inception", "fashion"))
     if random_init:
         torch.manual_seed(int(config.get("seed", 0)))
-        model = load_model(spec, weights=None, device=device) if name not in ("fashion-inception", "fashion") else _random_fashion(device)
+        model = resolve_model(spec, device=device) if name not in ("fashion-inception", "fashion") else _random_fashion(device)
         info = {"name": spec, "weights": "random init (seed %d)" % int(config.get("seed", 0)), "meaningful": False}
     else:
         weights = _resolve_path(weights, config) if weights else None
-        model = load_model(spec, weights=weights, sha256=config.get("sha256"), device=device)
+        model = resolve_model(spec, weights, config.get("sha256"), device)
         info = {"name": spec, "weights": str(weights) if weights else "bundled checkpoint", "meaningful": True}
-    return model.eval(), info
+    return model, info
 
 
 def _random_fashion(device: str) -> nn.Module:
@@ -211,16 +211,10 @@ def start(config: dict) -> Run:
 
 # ---------------------------------------------------------------------------- layers & weights
 
-_SHAPES: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
-
-
 def layer_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Output shape (no batch) of every named module at the model's input size (cached per model)."""
-    if model not in _SHAPES:
-        from circuits.layers import list_layers
-
-        _SHAPES[model] = {i.name: i.output_shape for i in list_layers(model, input_shape(model)) if i.output_shape}
-    return _SHAPES[model]
+    """Output shape (no batch) of every named layer at the model's input size (the model's cached wiring)."""
+    graph = layer_graph(model)
+    return {n: s for n in graph.order if (s := graph.output_shape(n)) is not None}
 
 
 def n_channels(model: nn.Module, layer: str) -> int:
@@ -240,8 +234,9 @@ def weights_between(model: nn.Module, from_layer: str, to_layer: str, channels: 
 
 def strongest_outputs(weights: torch.Tensor, n: int) -> list[int]:
     """Output channels of ``weights [out, in, kh, kw]`` with the largest total L2, strongest first."""
-    norms = weights.flatten(1).norm(dim=1)
-    return norms.argsort(descending=True, stable=True)[: max(1, n)].tolist()
+    from circuits.figures import rank_inputs
+
+    return rank_inputs(weights.reshape(weights.shape[0], -1, 1), max(1, n))[0].tolist()
 
 
 def strongest_spatial(weights: torch.Tensor) -> int:

@@ -19,7 +19,7 @@ neuron with the strongest weights from ``mixed3a`` (``mixed3b:auto``).
 from __future__ import annotations
 
 from _common import connection_panel, n_channels, resolve_target, sparse_images, start, weights_between
-from circuits.figures import small_multiples
+from circuits.figures import rank_inputs, small_multiples
 
 
 def run(config: dict) -> dict:
@@ -30,8 +30,7 @@ def run(config: dict) -> dict:
     W, kind = weights_between(r.model, src, layer, [ch])
     w = W[0]
     n_in = w.shape[0]
-    norms = w.flatten(1).norm(dim=1)
-    order = norms.argsort(descending=True, stable=True)[:top_n].tolist()
+    order = rank_inputs(w, top_n)[0].tolist()
     images, (out_img,) = sparse_images(r, src, order, n_in, extra=[f"{layer}:{ch}"])
     labels = [f"{src}:{c}" for c in range(n_in)]
     top = order[0]

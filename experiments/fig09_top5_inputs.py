@@ -15,7 +15,7 @@ Meaningful with ``weights: inception5h.pth`` only; random init is a smoke test.
 from __future__ import annotations
 
 from _common import resolve_target, sparse_images, start, weights_between
-from circuits.figures import save_image_png, small_multiples
+from circuits.figures import rank_inputs, save_image_png, small_multiples
 
 
 def run(config: dict) -> dict:
@@ -25,7 +25,7 @@ def run(config: dict) -> dict:
     top_n = int(config.get("top_n", 5))
     W, kind = weights_between(r.model, src, layer, [ch])
     w = W[0]
-    order = w.flatten(1).norm(dim=1).argsort(descending=True, stable=True)[:top_n].tolist()
+    order = rank_inputs(w, top_n)[0].tolist()
     images, (target_img,) = sparse_images(r, src, order, w.shape[0], extra=[f"{layer}:{ch}"])
     fig = small_multiples(w, images, top_n=top_n, labels=[f"{src}:{c}" for c in range(w.shape[0])],
                           title=f"{layer}:{ch} and its {top_n} strongest {src} inputs ({kind} weights)", cols=top_n)

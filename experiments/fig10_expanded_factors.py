@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from _common import resolve_target, sparse_images, start, weights_between
-from circuits.figures import DIVERGING, FigureResult, factor_order, symmetric_limit
+from circuits.figures import DIVERGING, FigureResult, factor_order, rank_inputs, symmetric_limit
 from circuits.nmf import neuron_factors
 
 
@@ -66,7 +66,7 @@ def run(config: dict) -> dict:
     f = neuron_factors(w, k, **r.nmf_settings())
     loadings, spatial = f.loadings[0].numpy(), f.spatial[0].numpy()
     order, factor = factor_order(w, loadings, top_n, spatial)
-    norms = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(1))
+    norms = rank_inputs(w)[1]
     images, _ = sparse_images(r, src, order.tolist(), w.shape[0])
     labels = [f"{src}:{c}" for c in range(w.shape[0])]
     fig = rows_figure(w, order, factor, images, labels, max_cols=max(-(-top_n // k), min(12, int(np.bincount(factor).max()))),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from _common import resolve_target, start, weights_between
-from circuits.figures import weight_heatmap
+from circuits.figures import rank_inputs, weight_heatmap
 
 
 def smoothness(m: np.ndarray) -> float:
@@ -48,8 +48,7 @@ def run(config: dict) -> dict:
     top_n = int(config.get("top_n", 8))
     W, kind = weights_between(r.model, src, layer, [ch])
     w = W[0].numpy()
-    norms = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(1))
-    order = np.argsort(-norms, kind="stable")[:top_n]
+    order = rank_inputs(w, top_n)[0]
     maps = support_crop(w[order])
     rng = np.random.default_rng(int(config.get("seed", 0)))
     smooth = np.array([smoothness(m) for m in maps])

@@ -25,6 +25,7 @@ from circuits.atlas import (
     read_examples,
     read_tables,
 )
+from circuits.atlas._testing import fail_once
 from circuits.atlas.plan import AtlasPlan, batch_size_for
 from circuits.layers import UnknownLayerError
 
@@ -186,11 +187,12 @@ def local_run(model, plan, tmp_path_factory):
     runs["stopped"] = build_atlas(model, LAYERS, out, max_tasks=8, progress=False, **SETTINGS)
     runs["pages_after_stop"] = (out / "pages").exists()
     victim = plan.tasks_of("render")[6].id
-    with pytest.raises(AtlasTaskError, match=victim) as err:
-        build_atlas(model, LAYERS, out, progress=False, fail_once=f"{fail_dir}::{victim}", **SETTINGS)
+    with pytest.raises(AtlasTaskError, match=victim) as err, fail_once(f"{fail_dir}::{victim}"):
+        build_atlas(model, LAYERS, out, progress=False, **SETTINGS)
     runs["failed_task"] = err.value.task_id
     runs["after_failure"] = make_plan(model, LAYERS, **SETTINGS).pending(ResultStore(out / "cache"))
-    runs["finished"] = build_atlas(model, LAYERS, out, progress=False, fail_once=f"{fail_dir}::{victim}", **SETTINGS)
+    with fail_once(f"{fail_dir}::{victim}"):
+        runs["finished"] = build_atlas(model, LAYERS, out, progress=False, **SETTINGS)
     runs["again"] = build_atlas(model, LAYERS, out, progress=False, **SETTINGS)
     return out, runs
 
@@ -258,7 +260,7 @@ def test_tables_and_examples(model, plan, local_run):
     s = secs["conv2d2"]
     np.testing.assert_allclose(s.slices, w[s.channels], rtol=1e-5, atol=1e-7)
     if plan.dataset:
-        from circuits.atlas.plan import load_dataset
+        from circuits.datasets import load_dataset
         from circuits.featurevis import objective_values
 
         ex = read_examples(store, plan, "mixed4a")
@@ -280,13 +282,13 @@ def ray_run(model, plan, tmp_path_factory):
     victims = [plan.tasks_of("render")[3].id, "tables-mixed3b"]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        result = build_atlas(model, LAYERS, out, engine="ray", max_retries=2, progress=False,
-                             fail_once=f"{fail_dir}::{','.join(victims)}", **SETTINGS)
+        with fail_once(f"{fail_dir}::{','.join(victims)}"):
+            result = build_atlas(model, LAYERS, out, engine="ray", max_retries=2, progress=False, **SETTINGS)
         # a worker process that dies (as on a lost machine) is replaced and its task retried
         crash_dir = tmp_path_factory.mktemp("crash-ray")
-        crash = build_atlas(model, ["mixed3a"], tmp_path_factory.mktemp("atlas-crash"), engine="ray", progress=False,
-                            fail_once=f"{crash_dir}::render-*::exit", neurons=4, upstream_renders="none",
-                            dataset=None, steps=1, top_k=2)
+        with fail_once(f"{crash_dir}::render-*::exit"):
+            crash = build_atlas(model, ["mixed3a"], tmp_path_factory.mktemp("atlas-crash"), engine="ray", progress=False,
+                                neurons=4, upstream_renders="none", dataset=None, steps=1, top_k=2)
         crashed = sorted(p.stem for p in crash_dir.glob("*.failed"))
     finally:
         ray.shutdown()
@@ -356,17 +358,17 @@ def test_url_store_and_dry_run(model, tmp_path):
 def test_cli(model, tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from circuits.atlas.cli import main
+    from circuits.cli import main
 
     weights = tmp_path / "fashion.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    common = ["--model", str(weights), "--layers", "mixed3a", "--per-layer", "2", "--steps", "1", "--top-k", "2",
+    common = ["atlas", "--model", str(weights), "--layers", "mixed3a", "--per-layer", "2", "--steps", "1", "--top-k", "2",
               "--no-dataset", "--no-upstream-renders", "--quiet", "--out", str(tmp_path / "a")]
     assert main(common + ["--max-tasks", "1"]) == 3
     assert "run the same command again" in capsys.readouterr().out
     assert main(common) == 0
     assert "Atlas pages: file://" in capsys.readouterr().out
-    assert main(common[:2] + ["--layers", "mixed9z", "--out", str(tmp_path / "b")]) == 2
+    assert main(common[:3] + ["--layers", "mixed9z", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("circuits atlas: error:") and "mixed9z" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("circuits: error:") and "mixed9z" in err and len(err.strip().splitlines()) == 1
     assert main(common + ["--engine", "ray", "--max-tasks", "1"]) == 2

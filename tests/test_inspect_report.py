@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from circuits.inspect import TensorBoardWeightLogger, inspect_report, run_inspect_command
-from circuits.inspect.report import add_inspect_subcommand
+from circuits.cli import main
+from circuits.inspect import TensorBoardWeightLogger, inspect_report
 from circuits.models import FashionInception, save_state_dict
 
 
@@ -102,12 +101,8 @@ def test_inspect_report_from_model_prints_table_and_graph(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("name,shape,")
 
 
-def _namespace(source, **kw):
-    parser = argparse.ArgumentParser()
-    add_inspect_subcommand(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["inspect", str(source)] + [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))])
-    assert args.func is run_inspect_command
-    return args
+def _inspect(source, **kw) -> int:
+    return main(["inspect", str(source), "--quiet"] + [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))])
 
 
 def _bad_inputs(tmp_path):
@@ -131,27 +126,27 @@ def _bad_inputs(tmp_path):
 
 def test_cli_bad_input_exit_2_one_line(tmp_path, capsys):
     for source, message in _bad_inputs(tmp_path).items():
-        assert run_inspect_command(_namespace(source)) == 2, source
+        assert _inspect(source) == 2, source
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("circuits inspect: error: ") and message in err, err
+        assert err.count("\n") == 1 and err.startswith("circuits: error: ") and message in err, err
         assert "Traceback" not in err
     ok = tmp_path / "ok.safetensors"
     save_state_dict({"w": torch.randn(4, 4)}, ok)
-    assert run_inspect_command(_namespace(ok, format="json")) == 0
+    assert _inspect(ok, format="json") == 0
     assert json.loads(capsys.readouterr().out)[0]["name"] == "w"
-    assert run_inspect_command(_namespace(ok, format="html")) == 2  # html needs --out
+    assert _inspect(ok, format="html") == 2  # html needs --out
     assert "--out" in capsys.readouterr().err
 
 
 def test_module_entry_point_subprocess(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00" * 64)
-    out = subprocess.run([sys.executable, "-m", "circuits.inspect.report", str(bad)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "circuits", "inspect", str(bad)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.startswith("circuits inspect: error:") and "Traceback" not in out.stderr
+    assert out.stderr.startswith("circuits: error:") and "Traceback" not in out.stderr
     good = tmp_path / "good.pth"
     torch.save({"fc.weight": torch.ones(3, 5)}, good)
-    out = subprocess.run([sys.executable, "-m", "circuits.inspect.report", str(good), "--format", "csv"],
+    out = subprocess.run([sys.executable, "-m", "circuits", "inspect", str(good), "--format", "csv", "--quiet"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1].startswith("fc.weight,3x5,float32,15,1.0,0.0")

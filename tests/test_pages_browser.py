@@ -11,14 +11,9 @@ import pytest
 import torch
 
 from circuits.figures import pages as pages_module
-from circuits.figures.pages import (
-    build_pages,
-    concat_branches,
-    connections_to,
-    default_upstream,
-    layer_sections,
-    select_neurons,
-)
+from circuits.figures.pages import PageData, build_pages, compute_pages, write_pages
+from circuits.figures.sections import connections_to, layer_sections
+from circuits.wiring import concat_branches, default_upstream, select_neurons
 from circuits.models import FASHION_WEIGHTS, FashionInception, load_model
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -77,8 +72,9 @@ def test_connections_direct_and_expanded(model):
 
 
 def test_precomputed_sections_are_used_as_given(model, tmp_path, monkeypatch):
-    """``build_pages(precomputed=...)`` takes a layer's sections from the argument (the same
-    site as computing them), and computes only layers the argument does not cover."""
+    """``build_pages(precomputed=...)`` (deprecated alias of ``compute_pages(sections=...)``)
+    takes a layer's sections from the argument (the same site as computing them), and
+    computes only layers the argument does not cover."""
     kw = dict(neurons={"mixed3a": [40]}, top_k=3, render_kwargs={"steps": 1}, cache=tmp_path / "fv",
               dataset=False, progress=False)
     secs = layer_sections(model, "mixed3a", [40], default_upstream(model, "mixed3a"), top_k=3)
@@ -91,14 +87,26 @@ def test_precomputed_sections_are_used_as_given(model, tmp_path, monkeypatch):
         raise AssertionError("layer_sections called although the sections were given")
 
     monkeypatch.setattr(pages_module, "layer_sections", no_compute)
-    given = build_pages(model, ["mixed3a"], tmp_path / "b", precomputed={"mixed3a": secs}, **kw).parent
+    with pytest.warns(DeprecationWarning, match="compute_pages"):
+        given = build_pages(model, ["mixed3a"], tmp_path / "b", precomputed={"mixed3a": secs}, **kw).parent
     files = sorted(str(p.relative_to(computed)) for p in computed.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(given)) for p in given.rglob("*") if p.is_file())
     for rel in files:
         assert (computed / rel).read_bytes() == (given / rel).read_bytes(), rel
     # a layer whose chosen channels are not all given is computed
-    with pytest.raises(AssertionError, match="layer_sections called"):
+    with pytest.raises(AssertionError, match="layer_sections called"), pytest.warns(DeprecationWarning):
         build_pages(model, ["mixed3a"], tmp_path / "c", precomputed={"mixed3a": {41: secs[40]}}, **kw)
+    # compute then write is build: and the parts joined by PageData.build write the same site
+    data = compute_pages(model, ["mixed3a"], neurons={"mixed3a": [40]}, top_k=3, steps=1, cache=tmp_path / "fv",
+                         dataset=None, sections={"mixed3a": secs}, progress=False)
+    assert data.settings.render == {"steps": 1} and data.settings.top_k == 3
+    joined = PageData.build(model, data.full, data.upstream, {("mixed3a", 40): secs[40]}, data.settings,
+                            images=data.images)
+    for part, out in ((data, tmp_path / "d"), (joined, tmp_path / "e")):
+        write_pages(part, out, progress=False)
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == files
+        for rel in files:
+            assert (computed / rel).read_bytes() == (out / rel).read_bytes(), rel
 
 
 def test_site_structure(site):

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._testing import active_spec, maybe_fail
 from .plan import AtlasPlan
 from .store import ResultStore
 from .tasks import run_task
@@ -70,7 +71,6 @@ def run_local(
     *,
     progress: bool = True,
     max_tasks: Optional[int] = None,
-    fail_once: Optional[str] = None,
 ) -> RunReport:
     """Run the plan's pending tasks in this process with ``model`` (on the plan's device).
 
@@ -80,7 +80,6 @@ def run_local(
         store: where results go (and what is already done).
         progress: tqdm bar over the pending tasks with an ETA.
         max_tasks: stop after this many tasks (the run is then incomplete; run again to go on).
-        fail_once: the test hook of :mod:`circuits.atlas.tasks` (a task's first attempt fails).
     """
     if max_tasks is not None and (not isinstance(max_tasks, int) or max_tasks < 0):
         raise ValueError(f"max_tasks must be a non-negative integer, got {max_tasks!r}")
@@ -89,12 +88,14 @@ def run_local(
     report = RunReport("local", len(plan.tasks), len(plan.tasks) - len(pending))
     todo = pending if max_tasks is None else pending[:max_tasks]
     model = model.to(plan.device).eval()
+    injected = active_spec()
     bar = tqdm(total=len(todo), desc="atlas", unit="task", disable=not progress)
     try:
         for task in todo:
             bar.set_postfix_str(f"{task.id}, {report.rendered} rendered", refresh=False)
             try:
-                result = run_task(model, plan, task, store, fail_once=fail_once)
+                maybe_fail(task.id, injected)
+                result = run_task(model, plan, task, store)
             except Exception as exc:
                 raise AtlasTaskError(task.id, f"{type(exc).__name__}: {exc}") from exc
             report.results.append(result)

@@ -37,9 +37,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import PathLike, atomic_write_text, state_dict_hash
-from ..layers import capture, get_layer, layer_names, list_layers, run_until
+from ..datasets import resolve_dataset
+from ..figures.pages import PageSettings, split_overrides
+from ..layers import capture, get_layer, layer_names, run_until
+from ..models import device_and_dtype, preprocess_input
 from ..models import input_shape as model_input_shape
-from ..models import preprocess_input
+from ..wiring import NeuronSpec, channel_counts, default_upstream, interesting_layers, select_neurons
 from .store import ResultStore
 
 __all__ = [
@@ -51,15 +54,8 @@ __all__ = [
     "cache_requests",
     "cache_relpath",
     "estimate",
-    "RENDER_OPTIONS",
-    "DATASETS",
 ]
 
-#: Keyword arguments of :func:`circuits.featurevis.render` that a plan may set.
-RENDER_OPTIONS = ("steps", "size", "seed", "param", "decorrelate", "lr", "redirected_relu", "resize_to",
-                  "mixed_precision", "channels_last")
-#: Named datasets a plan can use for dataset examples (named, so that a Ray worker can load them).
-DATASETS = ("fashion-mnist-test", "fashion-mnist-train")
 TASK_KINDS = ("tables", "examples", "render")
 _TABLES_VERSION = 1
 _EXAMPLES_VERSION = 1
@@ -107,8 +103,10 @@ class AtlasPlan:
     """Everything an engine needs to build an atlas (JSON round-trips with :meth:`to_json`).
 
     ``neurons`` are the chosen neurons (full pages) per layer; ``upstream`` the layers whose
-    weights into each chosen layer are tabulated and shown; ``render`` the featurevis
-    settings (the keys of :data:`RENDER_OPTIONS`); ``batch_sizes`` the render batch per layer.
+    weights into each chosen layer are tabulated and shown; ``settings`` what the pages show
+    (:class:`~circuits.figures.pages.PageSettings`, the same the neuron pages take);
+    ``dataset`` the data set the examples come from (resolved: a name or ``None``);
+    ``batch_sizes`` the render batch per layer.
     """
 
     model_hash: str
@@ -117,15 +115,35 @@ class AtlasPlan:
     layers: list[str]
     neurons: dict[str, list[int]]
     upstream: dict[str, list[str]]
-    render: dict[str, Any]
-    top_k: int
-    n_factors: int
-    factor_threshold: float
+    settings: PageSettings
     dataset: Optional[str]
-    dataset_size: int
-    n_examples: int
     batch_sizes: dict[str, int]
     tasks: list[AtlasTask] = field(default_factory=list)
+
+    @property
+    def render(self) -> dict[str, Any]:
+        """The feature-visualization settings (``settings.render``)."""
+        return dict(self.settings.render)
+
+    @property
+    def top_k(self) -> int:
+        return self.settings.top_k
+
+    @property
+    def n_factors(self) -> int:
+        return self.settings.n_factors
+
+    @property
+    def factor_threshold(self) -> float:
+        return self.settings.factor_threshold
+
+    @property
+    def dataset_size(self) -> int:
+        return self.settings.dataset_size
+
+    @property
+    def n_examples(self) -> int:
+        return self.settings.n_examples
 
     # -- views
     def tasks_of(self, kind: str) -> list[AtlasTask]:
@@ -170,6 +188,7 @@ class AtlasPlan:
     # -- (de)serialisation
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["settings"] = self.settings.to_dict()
         d["tasks"] = [t.to_dict() for t in self.tasks]
         return d
 
@@ -181,6 +200,7 @@ class AtlasPlan:
         d = dict(d)
         d["tasks"] = [AtlasTask.from_dict(t) for t in d.get("tasks", [])]
         d["neurons"] = {k: [int(c) for c in v] for k, v in d["neurons"].items()}
+        d["settings"] = PageSettings.from_dict(d["settings"])
         return cls(**d)
 
     @classmethod
@@ -243,15 +263,9 @@ def _task_relpath(kind: str, request: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- batch sizes
 
 
-def _channel_counts(model: nn.Module) -> dict[str, int]:
-    return {i.name: int(i.output_shape[0]) for i in list_layers(model, model_input_shape(model)) if i.output_shape}
-
-
 def _floats_per_image(model: nn.Module, layer: str, out_size: tuple[int, int]) -> int:
     """Activation floats one image produces up to ``layer`` (every named layer's output + the input)."""
-    p = next(model.parameters(), None)
-    dev = p.device if p is not None else torch.device("cpu")
-    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    dev, dtype = device_and_dtype(model)
     channels = model_input_shape(model)[0]
     x = preprocess_input(model, torch.full((1, channels, *out_size), 0.5, device=dev, dtype=dtype))
     with torch.no_grad(), capture(model, layer_names(model), detach=True) as acts:
@@ -290,97 +304,47 @@ def batch_size_for(model: nn.Module, layer: str, device: Union[str, torch.device
 # ----------------------------------------------------------------------------- the plan
 
 
-def _resolve_dataset(model: nn.Module, dataset: Union[None, bool, str]) -> Optional[str]:
-    if dataset is None or dataset is False:
-        return None
-    if dataset is True or dataset == "auto":
-        if tuple(model_input_shape(model)) != (1, 28, 28):
-            return None
-        from ..datasets import DatasetNotFoundError, fashion_mnist_dir
-
-        try:
-            fashion_mnist_dir()
-        except DatasetNotFoundError:
-            return None
-        return "fashion-mnist-test"
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be 'auto', None or one of {DATASETS}; got {dataset!r}")
-    return str(dataset)
-
-
-def load_dataset(name: str, size: int) -> torch.Tensor:
-    """Images ``[size, C, H, W]`` in ``[0, 1]`` of a named dataset (:data:`DATASETS`)."""
-    from ..datasets import load_fashion_mnist
-
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {DATASETS}")
-    images, _ = load_fashion_mnist(name.rsplit("-", 1)[-1])
-    return images[:size]
-
-
 def make_plan(
     model: nn.Module,
     layers: Optional[Sequence[str]] = None,
+    settings: Optional[PageSettings] = None,
     *,
-    neurons: Union[None, int, Sequence[str], Mapping[str, Sequence[int]]] = None,
+    neurons: NeuronSpec = None,
     upstream: Optional[Mapping[str, Sequence[str]]] = None,
     upstream_renders: str = "all",
-    steps: int = 512,
-    seed: int = 0,
-    render: Optional[Mapping[str, Any]] = None,
     batch_size: Optional[int] = None,
     device: Union[str, torch.device, None] = None,
     device_free_bytes: Optional[int] = None,
-    top_k: int = 50,
-    n_factors: int = 3,
-    factor_threshold: float = 0.8,
-    dataset: Union[None, bool, str] = "auto",
-    dataset_size: int = 2000,
-    n_examples: int = 8,
+    **overrides: Any,
 ) -> AtlasPlan:
-    """Plan the atlas of ``layers`` (default: the mixed blocks the pages use, e.g.
+    """Plan the atlas of ``layers`` (default: the layers the pages use, e.g.
     ``mixed3a, mixed3b, mixed4a``; every channel unless ``neurons`` picks some).
 
     Args:
         model: the model (its weights' hash keys every result).
         layers: layers whose neurons get full pages.
-        neurons: a subset, as :func:`circuits.figures.pages.select_neurons` takes it.
-        upstream: ``{layer: [upstream layers]}`` (default: previous block + the block's bottlenecks).
+        settings: what the pages show (:class:`~circuits.figures.pages.PageSettings`);
+            keyword ``overrides`` replace single fields (``top_k=2``) or render settings
+            (``steps=512``, ``seed=0``, ``size=...``), as for :func:`~circuits.figures.pages.build_pages`.
+        neurons: a subset, as :func:`circuits.wiring.select_neurons` takes it.
+        upstream: ``{layer: [upstream layers]}`` (default :func:`circuits.wiring.default_upstream`).
         upstream_renders: ``"all"``: render every channel of every upstream layer too (the
             pages then render nothing); ``"none"``: only the chosen neurons.
-        steps, seed: feature-visualization steps and base seed.
-        render: other :func:`circuits.featurevis.render` settings (:data:`RENDER_OPTIONS`).
         batch_size: images per render task (default: :func:`batch_size_for` per layer).
         device: the device the tasks render on (default: the model's).
         device_free_bytes: memory to plan batches for, instead of measuring it here.
-        top_k: connections kept per upstream layer and neuron (and shown on the pages).
-        n_factors, factor_threshold: NMF factors per table; order by factor above this fraction.
-        dataset: ``"auto"`` (Fashion-MNIST test for 1×28×28 models when installed), ``None``
-            or ``False`` (no dataset examples), or a name from :data:`DATASETS`.
-        dataset_size, n_examples: images scanned; top images kept per neuron.
     """
-    from ..figures.pages import default_upstream, interesting_layers, select_neurons
-
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    settings = split_overrides(settings, overrides)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if upstream_renders not in ("all", "none"):
         raise ValueError(f"upstream_renders must be 'all' or 'none', got {upstream_renders!r}")
-    if not 0.0 <= factor_threshold <= 1.0:
-        raise ValueError(f"factor_threshold is a fraction in [0, 1], got {factor_threshold!r}")
-    render_opts = dict(render or {})
-    bad = sorted(set(render_opts) - set(RENDER_OPTIONS))
-    if bad:
-        raise ValueError(f"unknown render option(s) {bad}; known: {list(RENDER_OPTIONS)}")
-    render_opts.update(steps=int(steps), seed=int(seed))
+    render_opts = dict(settings.render)
 
     layers = list(layers) if layers else interesting_layers(model)
     for layer in layers:
         get_layer(model, layer)  # UnknownLayerError with close matches
-    counts = _channel_counts(model)
+    counts = channel_counts(model)
     chosen = select_neurons(counts if all(l in counts for l in layers) else model, layers, neurons)
     layers = list(chosen)
     ups = {l: list(upstream[l]) if upstream and l in upstream else default_upstream(model, l) for l in layers}
@@ -390,10 +354,9 @@ def make_plan(
             if u not in counts:
                 raise ValueError(f"upstream layer {u!r} has no channel axis")
 
-    p = next(model.parameters(), None)
-    mdev = p.device if p is not None else torch.device("cpu")
+    mdev, _ = device_and_dtype(model)
     dev = torch.device(device) if device is not None else mdev
-    dataset_name = _resolve_dataset(model, dataset)
+    dataset_name = resolve_dataset(model_input_shape(model), settings.dataset)
     mhash = state_dict_hash(model)
 
     # what to render, per layer (chosen layers first, then upstream ones in model order)
@@ -417,12 +380,12 @@ def make_plan(
     base_req = {"model": mhash, "model_class": type(model).__name__}
     for l in layers:
         req = dict(base_req, kind="tables", version=_TABLES_VERSION, layer=l, channels=chosen[l], upstream=ups[l],
-                   top_k=top_k, n_factors=n_factors)
+                   top_k=settings.top_k, n_factors=settings.n_factors)
         tasks.append(AtlasTask(f"tables-{l}", "tables", l, [f"{l}:{c}" for c in chosen[l]], [_task_relpath("tables", req)]))
     if dataset_name is not None:
         for l in layers:
             req = dict(base_req, kind="examples", version=_EXAMPLES_VERSION, layer=l, channels=chosen[l],
-                       dataset=dataset_name, dataset_size=dataset_size, k=n_examples)
+                       dataset=dataset_name, dataset_size=settings.dataset_size, k=settings.n_examples)
             tasks.append(AtlasTask(f"examples-{l}", "examples", l, [f"{l}:{c}" for c in chosen[l]],
                                    [_task_relpath("examples", req)]))
     all_targets = [f"{l}:{c}" for l in order for c in sorted(render_sets[l])]
@@ -437,9 +400,8 @@ def make_plan(
 
     return AtlasPlan(
         model_hash=mhash, model_class=type(model).__name__, device=str(dev), layers=layers,
-        neurons={l: list(chs) for l, chs in chosen.items()}, upstream=ups, render=render_opts,
-        top_k=top_k, n_factors=n_factors, factor_threshold=float(factor_threshold), dataset=dataset_name,
-        dataset_size=int(dataset_size), n_examples=int(n_examples), batch_sizes=batch_sizes, tasks=tasks,
+        neurons={l: list(chs) for l, chs in chosen.items()}, upstream=ups, settings=settings,
+        dataset=dataset_name, batch_sizes=batch_sizes, tasks=tasks,
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._testing import active_spec
 from .local import AtlasTaskError, RunReport
 from .plan import AtlasPlan, AtlasTask
 from .store import ResultStore
@@ -38,18 +39,20 @@ def require_ray() -> Any:
 
 
 def _ray_task(model: nn.Module, plan_dict: dict, task_dict: dict, location: str, storage_options: dict,
-              fail_once: Optional[str]) -> dict:
+              injected: Optional[str]) -> dict:
     """Body of one Ray task (runs on a worker; arguments that were object refs arrive resolved)."""
     import torch
 
+    from ._testing import maybe_fail
     from .tasks import run_task
 
+    maybe_fail(str(task_dict["id"]), injected)
     plan = AtlasPlan.from_dict(plan_dict)
     if torch.device(plan.device).type == "cuda":
         plan.device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to this task's GPU
     model = model.to(plan.device).eval()
     store = ResultStore(location, storage_options)
-    return run_task(model, plan, AtlasTask.from_dict(task_dict), store, fail_once=fail_once)
+    return run_task(model, plan, AtlasTask.from_dict(task_dict), store)
 
 
 def run_ray(
@@ -61,7 +64,6 @@ def run_ray(
     num_cpus: Optional[int] = None,
     max_retries: int = 3,
     progress: bool = True,
-    fail_once: Optional[str] = None,
     init_kwargs: Optional[dict] = None,
 ) -> RunReport:
     """Run the plan's pending tasks as Ray tasks; returns when all are done.
@@ -73,7 +75,6 @@ def run_ray(
             local one unless Ray is initialised already (then that one is used).
         num_cpus: CPU slots of a local cluster started here (default: all cores).
         max_retries: retries per task, after a worker died or the task raised.
-        fail_once: the test hook of :mod:`circuits.atlas.tasks`.
         init_kwargs: more ``ray.init`` arguments (``runtime_env``, ...).
     """
     ray = require_ray()
@@ -108,9 +109,10 @@ def run_ray(
         )
         cpu_model = copy.deepcopy(model).to("cpu") if any(p.device.type != "cpu" for p in model.parameters()) else model
         model_ref = ray.put(cpu_model)
+        injected = active_spec()
         plan_ref = ray.put(plan.to_dict())
         refs = {
-            remote.remote(model_ref, plan_ref, t.to_dict(), store.location, store.storage_options, fail_once): t
+            remote.remote(model_ref, plan_ref, t.to_dict(), store.location, store.storage_options, injected): t
             for t in pending
         }
         bar = tqdm(total=len(refs), desc="atlas (ray)", unit="task", disable=not progress)

@@ -21,11 +21,13 @@ from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
-from .._io import PathLike, atomic_write_text
+from .._io import PathLike, atomic_write_text, check_writable
+from ..datasets import DATASET_TITLES, load_dataset
+from ..figures.pages import PageData, neuron_index, write_pages
 from .local import RunReport, run_local
-from .plan import AtlasPlan, PlanEstimate, estimate, load_dataset, make_plan
+from .plan import AtlasPlan, PlanEstimate, cache_requests, estimate, make_plan
 from .store import ResultStore
-from .tasks import fail_once_from_env, read_tables
+from .tasks import read_examples, read_tables
 
 __all__ = ["build_atlas", "AtlasResult", "build_atlas_pages", "ENGINES"]
 
@@ -77,18 +79,15 @@ def build_atlas_pages(plan: AtlasPlan, model: nn.Module, store: ResultStore, out
                       progress: bool = True, title: Optional[str] = None) -> tuple[Path, int]:
     """Build the neuron pages of a finished plan into ``out_dir/pages``.
 
-    Feature visualizations come from the store (a missing one would be rendered and counted),
-    the weights/NMF sections from the ``tables`` tasks, dataset examples from the plan's dataset.
-    Returns ``(index.html, images rendered while building)``.
+    The weights/NMF sections come from the ``tables`` tasks, the feature visualizations from
+    the store and the dataset examples from the ``examples`` tasks. Neurons the plan did not
+    render or scan (inputs shown on the pages when the plan was made with
+    ``upstream_renders="none"``) are rendered and scanned here. Returns ``(index.html, images
+    rendered while building)``.
     """
-    from ..featurevis import FeatureVisCache
-    from ..figures.pages import build_pages
+    from ..featurevis import FeatureVisCache, dataset_examples, render, variable_names
 
     out = Path(out_dir)
-    cache = FeatureVisCache(_local_cache(plan, store, out, progress))
-    tables = {l: read_tables(store, plan, l) for l in plan.layers}
-    data = load_dataset(plan.dataset, plan.dataset_size) if plan.dataset else False
-    render_kwargs = {k: v for k, v in plan.render.items()}
     device = plan.device
     if device.startswith("cuda"):
         import torch
@@ -96,15 +95,28 @@ def build_atlas_pages(plan: AtlasPlan, model: nn.Module, store: ResultStore, out
         if not torch.cuda.is_available():  # a driver without the cluster's GPUs: forward passes only
             device = "cpu"
     model = model.to(device).eval()
-    index = build_pages(
-        model, plan.layers, out / "pages", neurons=plan.neurons, upstream=plan.upstream, top_k=plan.top_k,
-        render_kwargs=render_kwargs, cache=cache, dataset=data,
-        dataset_name=(plan.dataset.replace("-", " ").replace("fashion mnist", "Fashion-MNIST") if plan.dataset else None),
-        dataset_size=plan.dataset_size, n_examples=plan.n_examples, factor_threshold=plan.factor_threshold,
-        n_factors=plan.n_factors, title=title or f"{plan.model_class} atlas", progress=progress,
-        precomputed=tables,
-    )
-    return index, cache.misses
+    cache = FeatureVisCache(_local_cache(plan, store, out, progress))
+    sections = {(layer, c): secs for layer in plan.layers for c, secs in read_tables(store, plan, layer).items()}
+    known, _ = neuron_index(plan.neurons, sections)
+    targets = [f"{layer}:{c}" for layer, chs in known.items() for c in sorted(chs)]
+    requests = cache_requests(model, targets, plan.render, plan.device.split(":")[0])
+    unplanned = [t for t, r in zip(targets, requests) if r not in cache]
+    if unplanned:
+        render(model, unplanned, cache=cache, progress=progress, **plan.render)
+    images = variable_names(model, targets, cache=cache, progress=False, **plan.render)
+    data, examples, name = None, {}, ""
+    if plan.dataset:
+        data, name = load_dataset(plan.dataset, plan.dataset_size), DATASET_TITLES.get(plan.dataset, plan.dataset)
+        for layer in plan.layers:
+            examples.update(read_examples(store, plan, layer))
+        rest = [t for t in targets if t not in examples]
+        if rest:
+            found = dataset_examples(model, rest, data, k=plan.n_examples, progress=progress)
+            examples.update({t: (ex.indices.cpu().numpy(), ex.values.cpu().numpy()) for t, ex in found.items()})
+    settings = plan.settings.replace(title=title or plan.settings.title or f"{plan.model_class} atlas")
+    page = PageData.build(model, plan.neurons, plan.upstream, sections, settings, images=images,
+                          examples=examples, example_images=data, dataset_name=name)
+    return write_pages(page, out / "pages", progress=progress), len(unplanned)
 
 
 def build_atlas(
@@ -119,7 +131,6 @@ def build_atlas(
     pages: bool = True,
     progress: bool = True,
     max_tasks: Optional[int] = None,
-    fail_once: Optional[str] = None,
     address: Optional[str] = None,
     num_cpus: Optional[int] = None,
     max_retries: int = 3,
@@ -142,14 +153,12 @@ def build_atlas(
         pages: build the neuron pages once every task is done.
         progress: progress bars.
         max_tasks: local engine: stop after this many tasks (resume later).
-        fail_once: test hook (see :mod:`circuits.atlas.tasks`); default ``$CIRCUITS_ATLAS_FAIL_ONCE``.
         address, num_cpus, max_retries, ray_init_kwargs: Ray engine settings (:func:`run_ray`).
         calibration_steps: steps of the dry run's timed calibration render per layer.
-        **plan_kwargs: :func:`make_plan` settings (``steps``, ``seed``, ``neurons``, ``top_k``,
-            ``batch_size``, ``dataset``, ``render``, ``device``...).
+        **plan_kwargs: :func:`make_plan` arguments (``settings``, ``neurons``, ``upstream``,
+            ``batch_size``, ``device``...) and settings overrides (``steps``, ``seed``, ``top_k``,
+            ``dataset``, ``render``...).
     """
-    from ..figures.pages import check_writable
-
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "ray" and max_tasks is not None:
@@ -162,14 +171,13 @@ def build_atlas(
     if dry_run:
         result.estimate = estimate(plan, model, store, calibration_steps=calibration_steps, progress=progress)
         return result
-    fail_once = fail_once if fail_once is not None else fail_once_from_env()
     if engine == "local":
-        report = run_local(plan, model, store, progress=progress, max_tasks=max_tasks, fail_once=fail_once)
+        report = run_local(plan, model, store, progress=progress, max_tasks=max_tasks)
     else:
         from .ray_engine import run_ray
 
         report = run_ray(plan, model, store, address=address, num_cpus=num_cpus, max_retries=max_retries,
-                         progress=progress, fail_once=fail_once, init_kwargs=ray_init_kwargs)
+                         progress=progress, init_kwargs=ray_init_kwargs)
     result.report = report
     if not report.completed or not pages:
         return result

@@ -3,66 +3,27 @@
 :func:`run_task` does one :class:`~circuits.atlas.plan.AtlasTask` and writes its results to
 the store atomically; it is idempotent (a render task renders only the images that are not
 in the store yet), so a retried or restarted task never redoes finished work.
-
-Test hook (documented, off unless asked for): ``fail_once`` (or the environment variable
-``CIRCUITS_ATLAS_FAIL_ONCE``, read by the engines) is ``"DIR"``, ``"DIR::GLOB[,GLOB...]"`` or
-``"DIR::GLOB::exit"``. The first attempt of each task whose id matches a glob (default all)
-creates ``DIR/<task id>.failed`` and then raises :class:`InjectedFailure` (or, with ``exit``,
-kills its process as a crashed worker would); later attempts find the marker and run
-normally. It exists so that tests can prove retries and resumption.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import io
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .plan import AtlasPlan, AtlasTask, load_dataset
+from ..datasets import load_dataset
+from .plan import AtlasPlan, AtlasTask
 from .store import ResultStore
 
-__all__ = ["run_task", "InjectedFailure", "FAIL_ONCE_ENV", "read_tables", "read_examples", "fail_once_from_env"]
-
-FAIL_ONCE_ENV = "CIRCUITS_ATLAS_FAIL_ONCE"
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by the ``fail_once`` test hook on a task's first attempt."""
-
-
-def fail_once_from_env() -> Optional[str]:
-    """The ``CIRCUITS_ATLAS_FAIL_ONCE`` test hook setting, or ``None``."""
-    return os.environ.get(FAIL_ONCE_ENV) or None
-
-
-def _maybe_fail(task_id: str, spec: Optional[str]) -> None:
-    if not spec:
-        return
-    parts = spec.split("::")
-    folder = Path(parts[0])
-    globs = parts[1].split(",") if len(parts) > 1 and parts[1] else ["*"]
-    mode = parts[2] if len(parts) > 2 else "raise"
-    if not any(fnmatch.fnmatchcase(task_id, g) for g in globs):
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(folder / f"{task_id}.failed", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return  # already failed once: run normally
-    os.write(fd, f"{os.getpid()} {time.time()}\n".encode())
-    os.close(fd)
-    if mode == "exit":
-        os._exit(1)  # a crashed worker
-    raise InjectedFailure(f"injected failure of task {task_id} (test hook {FAIL_ONCE_ENV})")
+__all__ = ["run_task", "read_tables", "read_examples"]
 
 
 def _npz_bytes(**arrays: Any) -> bytes:
@@ -116,7 +77,7 @@ _LAYOUT_ERROR = (
 
 
 def _tables_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: ResultStore) -> None:
-    from ..figures.pages import layer_sections
+    from ..figures.sections import layer_sections
 
     channels = plan.neurons[task.layer]
     sections = layer_sections(model, task.layer, channels, plan.upstream[task.layer], top_k=plan.top_k,
@@ -146,8 +107,8 @@ def read_tables(store: ResultStore, plan: AtlasPlan, layer: str) -> dict[int, li
     """``{channel: [NeuronConnections, ...]}`` of a finished ``tables`` task: for each chosen
     neuron of ``layer`` and each upstream layer that reaches it, the top-``k`` inputs by L2
     (display order), their weight slices ``[k, kh, kw]``, norms, NMF factors and how much of
-    the weights the factors explain (see :class:`circuits.figures.pages.NeuronConnections`)."""
-    from ..figures.pages import NeuronConnections
+    the weights the factors explain (see :class:`circuits.figures.sections.NeuronConnections`)."""
+    from ..figures.sections import NeuronConnections
 
     task = plan.task(f"tables-{layer}")
     data = _load_npz(store, task.outputs[0])
@@ -190,14 +151,12 @@ def read_examples(store: ResultStore, plan: AtlasPlan, layer: str) -> dict[str, 
 # ----------------------------------------------------------------------------- dispatch
 
 
-def run_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: ResultStore,
-             fail_once: Optional[str] = None) -> dict[str, Any]:
+def run_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: ResultStore) -> dict[str, Any]:
     """Do ``task`` with ``model`` (already on its device) and write its results to ``store``.
 
     Returns ``{"id", "kind", "rendered" (images optimised, 0 for other kinds), "seconds", "pid"}``.
     """
     t0 = time.perf_counter()
-    _maybe_fail(task.id, fail_once)
     rendered = 0
     if task.kind == "render":
         rendered = _render_task(model, plan, task, store)

@@ -5,7 +5,10 @@
   grids, spatial-position grids, factor-ordered multiples, NMF RGB pictures, heatmaps); each
   returns a :class:`FigureResult` (figure + the arrays drawn).
 - :mod:`.raster` — small PNGs straight from arrays (used by the pages and the CLI).
-- :mod:`.pages` — static, self-contained HTML neuron pages (:func:`build_pages`).
+- :mod:`.sections` — the connection sections of a neuron page, computed from a model.
+- :mod:`.neuron` — one-call figures of a neuron's connections (:func:`neuron_figure`, :func:`nmf_figures`).
+- :mod:`.pages` — static, self-contained HTML neuron pages (:func:`build_pages` = :func:`compute_pages`
+  + :func:`write_pages`, with :class:`PageSettings`).
 """
 
 from .palette import DIVERGING, diverging_rgb, symmetric_limit, to_hwc
@@ -16,6 +19,7 @@ from .smallmultiples import (
     factor_ordered_multiples,
     family_grid,
     nmf_rgb_figure,
+    rank_family_inputs,
     rank_inputs,
     save_figure,
     small_multiples,
@@ -23,13 +27,9 @@ from .smallmultiples import (
     spatial_position_grid,
     weight_heatmap,
 )
-
-
-def build_pages(*args, **kwargs):  # noqa: D401 - thin lazy wrapper, documented in .pages
-    """Build static neuron pages; see :func:`circuits.figures.pages.build_pages`."""
-    from .pages import build_pages as _build_pages
-
-    return _build_pages(*args, **kwargs)
+from .neuron import FIGURE_KINDS, neuron_figure, nmf_figures
+from .pages import PageData, PageSettings, build_pages, compute_pages, write_pages
+from .sections import NeuronConnections, connections_to, layer_sections
 
 
 __all__ = [
@@ -46,10 +46,21 @@ __all__ = [
     "family_grid",
     "nmf_rgb_figure",
     "rank_inputs",
+    "rank_family_inputs",
     "save_figure",
     "small_multiples",
     "spatial_directions",
     "spatial_position_grid",
     "weight_heatmap",
     "build_pages",
+    "compute_pages",
+    "write_pages",
+    "PageData",
+    "PageSettings",
+    "NeuronConnections",
+    "connections_to",
+    "layer_sections",
+    "neuron_figure",
+    "nmf_figures",
+    "FIGURE_KINDS",
 ]

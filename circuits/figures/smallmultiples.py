@@ -34,6 +34,7 @@ __all__ = [
     "FigureResult",
     "save_figure",
     "rank_inputs",
+    "rank_family_inputs",
     "weight_heatmap",
     "small_multiples",
     "family_grid",
@@ -187,6 +188,13 @@ def rank_inputs(weights: object, top_n: Optional[int] = None) -> tuple[np.ndarra
             raise ValueError(f"top_n must be >= 1, got {top_n}")
         order = order[:top_n]
     return order, norms
+
+
+def rank_family_inputs(weights: object, top_n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rank input channels by the L2 norm of their weights to a whole family ``[out, in, kh, kw]``
+    (over outputs and positions); returns ``(order, norms [in])`` as :func:`rank_inputs`."""
+    w = _family_weights(weights)
+    return rank_inputs(np.ascontiguousarray(w.transpose(1, 0, 2, 3)).reshape(w.shape[1], w.shape[0] * w.shape[2], w.shape[3]), top_n)
 
 
 # ----------------------------------------------------------------------------- figures

@@ -30,7 +30,7 @@ _LAZY = {
     "plot_graph": "graph",
     "TensorBoardWeightLogger": "tracking", "diff_checkpoints": "tracking", "CheckpointDiff": "tracking",
     "TensorDiff": "tracking",
-    "inspect_report": "report", "add_inspect_subcommand": "report", "run_inspect_command": "report",
+    "inspect_report": "report",
     "InspectError": "report",
 }
 

@@ -6,14 +6,11 @@ matrices, first-layer filters, a t-SNE of the last weight layer's units; plus th
 graph and its DOT text when the source is a model), and for ``format="html"`` a
 self-contained ``report.html`` (images embedded as base64) that opens without a server.
 
-:func:`add_inspect_subcommand` / :func:`run_inspect_command` keep the CLI thin: exit code 0
-on success, 2 on bad input with one line on stderr (never a traceback).
-``python -m circuits.inspect.report SOURCE ...`` runs the same command.
+``circuits inspect SOURCE`` (:mod:`circuits.cli`) is the command-line form.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -30,7 +27,7 @@ from ..models.loading import WeightsError
 from .checkpoint import CHECKPOINT_SUFFIXES, checkpoint_stats
 from .stats import StatsConfig, StatsTable, weight_stats
 
-__all__ = ["inspect_report", "add_inspect_subcommand", "run_inspect_command", "FORMATS", "InspectError"]
+__all__ = ["inspect_report", "FORMATS", "InspectError"]
 
 FORMATS = ("table", "csv", "json", "html")
 
@@ -53,10 +50,10 @@ def _resolve(source: Any, device: str) -> tuple[str, Optional[nn.Module], Option
         if not p.exists():
             raise WeightsError(f"checkpoint not found: {p}")
         return p.name, None, p, None
-    from ..models import load_model
+    from ..models import resolve_model
 
     try:
-        return s, load_model(s, device=device), None, None
+        return s, resolve_model(s, device=device), None, None
     except WeightsError:
         raise
     except ValueError as exc:  # UnknownModelError
@@ -242,48 +239,3 @@ def _plot_tensors(model: Optional[nn.Module], path: Optional[Path], state: Optio
             budget -= nbytes
             out[name] = t.clone()
     return out
-
-
-def add_inspect_subcommand(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Add ``inspect`` to a CLI's subparsers; sets ``func=run_inspect_command``."""
-    p = subparsers.add_parser("inspect", help="per-layer weight statistics and plots of a model or checkpoint",
-                              description=__doc__.split("\n\n")[0] if __doc__ else None)
-    _add_arguments(p)
-    p.set_defaults(func=run_inspect_command)
-    return p
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="model name (fashion-inception, inceptionv1, resnet50 ...) or a .pth/.safetensors checkpoint")
-    p.add_argument("--out", default=None, help="folder for stats.csv/json, PNG plots and report.html")
-    p.add_argument("--format", default="table", choices=FORMATS, help="what to print (html writes OUT/report.html)")
-    p.add_argument("--zero-threshold", type=float, default=1e-6, help="|w| at or below this counts as zero")
-    p.add_argument("--spectral", default="auto", choices=["auto", "exact", "power", "none"], help="spectral norm method")
-    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    p.add_argument("--no-embedding", action="store_true", help="skip the t-SNE plot")
-    p.add_argument("--device", default="cpu")
-
-
-def run_inspect_command(args: argparse.Namespace) -> int:
-    """Run the subcommand: 0 on success, 2 on bad input (one line on stderr, no traceback)."""
-    try:
-        cfg = StatsConfig(zero_threshold=getattr(args, "zero_threshold", 1e-6), spectral=getattr(args, "spectral", "auto"))
-        inspect_report(args.source, out_dir=getattr(args, "out", None), format=getattr(args, "format", "table"),
-                       plots=not getattr(args, "no_plots", False), config=cfg,
-                       embedding=not getattr(args, "no_embedding", False), device=getattr(args, "device", "cpu"))
-    except (WeightsError, InspectError, ValueError, TypeError, KeyError, FileNotFoundError, IsADirectoryError,
-            PermissionError) as exc:
-        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"circuits inspect: error: {msg.splitlines()[0] if msg else type(exc).__name__}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m circuits.inspect.report", description="inspect a model's weights")
-    _add_arguments(parser)
-    return run_inspect_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

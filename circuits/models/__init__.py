@@ -1,5 +1,8 @@
 """Models: InceptionV1 with Lucid's names, the project's trained Fashion-MNIST model,
-any torchvision classifier by name, and weight loading.
+any torchvision classifier by name, ``timm`` models (optional), and weight loading.
+
+:func:`resolve_model` is the one way every entry point (CLI, configs, atlas, inspection) turns
+what a user names — a model, a name, a weights file or a URL — into a model.
 
 Input convention (the one documented place): every model's ``forward`` takes images that
 have gone through :func:`preprocess_input`, which maps pixels in ``[0, 1]`` to what the
@@ -11,6 +14,7 @@ dataset examples and activation plots all go through this function.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -20,6 +24,7 @@ from torch import nn
 from .fashion import FASHION_CLASSES, FashionInception
 from .inceptionv1 import INCEPTION5H_URL, InceptionV1
 from .loading import (
+    WEIGHT_SUFFIXES,
     WeightsError,
     cache_dir,
     check_state_dict,
@@ -42,7 +47,11 @@ __all__ = [
     "load_weights",
     "save_state_dict",
     "load_model",
+    "resolve_model",
     "available_models",
+    "device_and_dtype",
+    "UnknownModelError",
+    "WEIGHT_SUFFIXES",
     "preprocess_input",
     "input_shape",
     "DEFAULT_MODEL",
@@ -61,6 +70,39 @@ class UnknownModelError(ValueError):
     """A model name that is neither bundled nor a torchvision classifier."""
 
 
+def _timm_model(name: str) -> nn.Module:
+    """A ``timm`` model with random init (``timm:<name>``); preprocessing from its pretrained config."""
+    try:
+        import timm
+    except ImportError:
+        raise UnknownModelError(
+            f"'timm:{name}' needs the optional package timm: pip install timm (or circuits[timm])"
+        ) from None
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        hint = f" Did you mean: {', '.join('timm:' + c for c in close)}?" if close else ""
+        raise UnknownModelError(f"unknown timm model {name!r}.{hint}")
+    model = timm.create_model(name, pretrained=False)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    mean = tuple(cfg.get("mean") or _IMAGENET_MEAN)
+    std = tuple(cfg.get("std") or _IMAGENET_STD)
+    model.preprocess_input = _Normalize(mean, std)  # type: ignore[assignment]
+    model.input_shape = tuple(int(v) for v in (cfg.get("input_size") or (3, 224, 224)))  # type: ignore[assignment]
+    return model
+
+
+class _Normalize:
+    """``(x - mean) / std`` per colour channel; a picklable callable (models travel to Ray workers)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
 def _torchvision_names() -> list[str]:
     import torchvision
 
@@ -68,14 +110,12 @@ def _torchvision_names() -> list[str]:
 
 
 def available_models() -> list[str]:
-    """Names :func:`load_model` accepts: the bundled models, then torchvision classifiers."""
+    """Names :func:`load_model` accepts: the bundled models, then torchvision classifiers
+    (and any ``timm:<name>`` when timm is installed, not listed here)."""
     return ["fashion-inception", "inceptionv1"] + _torchvision_names()
 
 
-def _imagenet_preprocess(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(_IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(_IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+_imagenet_preprocess = _Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
 
 
 def load_model(
@@ -89,9 +129,10 @@ def load_model(
 
     Args:
         name: ``"fashion-inception"`` (the trained default, weights bundled), ``"inceptionv1"``
-            (random init unless ``weights`` is given, e.g. ``inception5h.pth``), or any
+            (random init unless ``weights`` is given, e.g. ``inception5h.pth``), any
             torchvision classification model name (``"resnet18"``...; random init unless
-            ``weights``).
+            ``weights``), or ``"timm:<name>"`` (``"timm:convnext_tiny"``; needs the optional
+            ``timm`` package; random init unless ``weights``, never downloaded).
         weights: local ``.pth``/``.pt``/``.safetensors`` file or an ``https://`` URL (then
             ``sha256`` is required). Loaded strictly: every key and shape must match.
         sha256: expected digest of the weights file.
@@ -114,6 +155,8 @@ def load_model(
             weights = FASHION_WEIGHTS
     elif key in ("inceptionv1", "inception5h", "googlenet-lucid"):
         model = InceptionV1(lrn=lrn)
+    elif name.startswith("timm:"):
+        model = _timm_model(name[len("timm:"):])
     else:
         tv_names = _torchvision_names()
         if name not in tv_names:
@@ -121,7 +164,7 @@ def load_model(
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise UnknownModelError(
                 f"unknown model {name!r}.{hint} Use 'fashion-inception', 'inceptionv1', a torchvision "
-                "classifier name, or a weights file with --model NAME --weights FILE"
+                "classifier name, 'timm:<name>', or a weights file with --model NAME --weights FILE"
             )
         import torchvision
 
@@ -147,3 +190,80 @@ def input_shape(model: nn.Module, default: tuple[int, int, int] = (3, 224, 224))
     """One example's input shape ``(C, H, W)``: ``model.input_shape`` when set, else ``default``."""
     shape = getattr(model, "input_shape", None)
     return tuple(shape) if shape is not None else default  # type: ignore[return-value]
+
+
+def device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where ``model`` computes and in which floating dtype: its first floating parameter's
+    device and dtype (a model without parameters: CPU, float32)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+def _is_file_spec(spec: str) -> bool:
+    """Whether ``--model`` names a weights file or URL rather than an architecture."""
+    if "://" in spec:
+        return True
+    if spec.startswith("timm:"):
+        return False
+    return Path(spec).suffix.lower() in WEIGHT_SUFFIXES or os.sep in spec or "/" in spec or Path(spec).exists()
+
+
+#: Architectures :func:`resolve_model` recognises from a weights file alone.
+_RECOGNISED = (("fashion-inception", FashionInception), ("inceptionv1", InceptionV1))
+
+
+def resolve_model(
+    model: Union[str, os.PathLike, nn.Module] = DEFAULT_MODEL,
+    weights: Optional[Union[str, os.PathLike]] = None,
+    sha256: Optional[str] = None,
+    device: Union[str, torch.device] = "cpu",
+) -> nn.Module:
+    """Turn what a user names into a model in eval mode on ``device``.
+
+    The one resolver behind the CLI's ``--model/--weights/--sha256``, experiment configs, the
+    atlas and inspection.
+
+    Args:
+        model: an ``nn.Module`` (returned, with ``weights`` loaded into it when given); a name
+            (see :func:`load_model`: ``"fashion-inception"``, ``"inceptionv1"``, ``"resnet50"``,
+            ``"timm:convnext_tiny"``); or a weights file / ``https://`` URL alone, whose
+            architecture is recognised from its keys and shapes (the bundled architectures).
+        weights: weights for a named architecture (file or URL).
+        sha256: expected digest of the weights (required for URLs).
+        device: where the model goes.
+
+    A weights file is read (and hashed) once. Raises :class:`WeightsError` for a file that
+    is unreadable or fits no known architecture, :class:`UnknownModelError` for an unknown
+    name (with close matches), ``ValueError`` when a file is given twice.
+
+    Example:
+        >>> model = resolve_model("fashion-inception")
+        >>> model = resolve_model("inception5h.pth")        # doctest: +SKIP
+    """
+    if isinstance(model, nn.Module):
+        if weights is not None:
+            load_weights(model, weights, sha256=sha256)
+        return model.to(device).eval()
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a name, a weights file or an nn.Module; got {type(model).__name__}")
+    spec = os.fspath(model)
+    if not _is_file_spec(spec):
+        return load_model(spec, weights=weights, sha256=sha256, device=device)
+    if weights is not None:
+        raise ValueError(
+            f"--model {spec} is a weights file; give the architecture's name with --model and the file with --weights"
+        )
+    state = load_state_dict_file(spec, sha256)
+    for name, cls in _RECOGNISED:
+        candidate = cls()
+        try:
+            check_state_dict(candidate, state, spec)
+        except WeightsError:
+            continue
+        candidate.load_state_dict(state, strict=True)
+        return candidate.to(device).eval()
+    names = ", ".join(n for n, _ in _RECOGNISED)
+    raise WeightsError(
+        f"{spec} fits none of the architectures recognised from weights alone ({names}); for another "
+        f"architecture pass --model NAME --weights {spec} (NAME: e.g. a torchvision model such as resnet18)"
+    )

@@ -31,6 +31,10 @@ __all__ = [
 ]
 
 
+#: File name endings read as weights files (everything else given as ``--model`` is a model name).
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+
+
 class WeightsError(RuntimeError):
     """Weights could not be loaded; the message says why and what to do about it."""
 
