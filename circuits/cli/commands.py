@@ -50,6 +50,29 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     return model
 
 
+def _layers_only(values: Any, what: str) -> None:
+    """Refuse a target (``layer:channel@y,x``) where a command takes whole layers: never drop its parts."""
+    for v in [values] if isinstance(values, str) else list(values or []):
+        t = parse_target(v)
+        if t.channel is not None or t.position is not None:
+            raise UsageError(
+                f"{what} takes layer names, not neurons: {v!r} names {t.layer}:{t.channel}"
+                + (f" at {t.position}" if t.position is not None else "")
+                + " (use the command's channel options, e.g. --channels or --neurons)"
+            )
+
+
+def _split_targets(spec: str) -> list[str]:
+    """``"mixed3b:1,mixed3b:2@3,4"`` → ``["mixed3b:1", "mixed3b:2@3,4"]`` (a position's comma stays)."""
+    out: list[str] = []
+    for part in spec.split(","):
+        if out and "@" in out[-1] and "," not in out[-1].split("@", 1)[1] and part.strip().isdigit():
+            out[-1] += "," + part
+        elif part.strip():
+            out.append(part.strip())
+    return out
+
+
 def _progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "quiet", False)
 
@@ -127,6 +150,8 @@ def cmd_figure(args: argparse.Namespace) -> int:
 
     from ..wiring import default_upstream
 
+    if args.from_layer:
+        _layers_only(args.from_layer, "--from")
     model = load_model(args)
     t = parse_target(args.target)
     up = args.from_layer or default_upstream(model, t.layer)[0]
@@ -145,6 +170,7 @@ def cmd_nmf(args: argparse.Namespace) -> int:
     from ..layers import get_layer
     from ..wiring import channel_counts, default_upstream
 
+    _layers_only([args.layer, args.from_layer] if args.from_layer else [args.layer], "nmf")
     model = load_model(args)
     get_layer(model, args.layer)
     chans = parse_channels(args.channels, channel_counts(model).get(args.layer))
@@ -165,6 +191,7 @@ def cmd_expand(args: argparse.Namespace) -> int:
     from ..expanded import connection_weights, top_inputs
     from ..layers import get_layer
 
+    _layers_only([args.from_layer, args.to_layer], "expand")
     model = load_model(args)
     get_layer(model, args.from_layer)
     get_layer(model, args.to_layer)
@@ -196,10 +223,12 @@ def cmd_expand(args: argparse.Namespace) -> int:
 def cmd_explore(args: argparse.Namespace) -> int:
     from ..figures.pages import PageSettings, build_pages
 
+    _layers_only(args.layers, "--layers")
+    _layers_only(args.upstream, "--upstream")
     model = load_model(args)
     neurons: Any = args.per_layer
     if args.neurons:
-        neurons = [t for spec in args.neurons for t in spec.split(",") if t]
+        neurons = [t for spec in args.neurons for t in _split_targets(spec)]
     layers = args.layers
     upstream = None
     if args.upstream:
@@ -245,6 +274,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
     if args.engine == "ray" and args.max_tasks is not None:
         raise UsageError("--max-tasks is for the local engine")
+    _layers_only(args.layers, "--layers")
     if args.engine == "local":
         _check_device(args.device)
     model = resolve_model(args.model, args.weights, args.sha256, "cpu")
