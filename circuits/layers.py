@@ -315,7 +315,7 @@ def _first_tensor(output: object) -> torch.Tensor:
 # --------------------------------------------------------------------------- probe forward
 
 
-def _declared_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+def _declared_input_shape(model: nn.Module) -> tuple[int, ...]:
     shape = getattr(model, "input_shape", None)
     if shape is not None:
         return tuple(int(v) for v in shape)
@@ -330,7 +330,7 @@ def _declared_input_shape(model: nn.Module) -> tuple[int, ...] | None:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:
         return tuple(int(v) for v in cfg["input_size"])
-    return None
+    return (channels, 224, 224)
 
 
 def example_input(model: nn.Module, input_shape: Sequence[int] | None = None, batch: int = 1) -> torch.Tensor:
@@ -338,11 +338,10 @@ def example_input(model: nn.Module, input_shape: Sequence[int] | None = None, ba
 
     ``input_shape`` is one example's shape, e.g. ``(3, 224, 224)``; by default the model's
     ``input_shape`` attribute, else what the model states about itself (torchvision ViT's
-    ``image_size``, timm's ``patch_embed.img_size`` / ``pretrained_cfg``), else ``(3, 224, 224)``.
+    ``image_size``, timm's ``patch_embed.img_size`` / ``pretrained_cfg``), else 224 × 224 with
+    the first convolution's input channels (3 without one).
     """
     shape = tuple(int(v) for v in input_shape) if input_shape is not None else _declared_input_shape(model)
-    if shape is None:
-        shape = (3, 224, 224)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

@@ -274,3 +274,19 @@ def test_list_layers_and_layer_names_show_each_call(bottleneck_resnet):
     names = layer_names(bottleneck_resnet, (3, 32, 32))
     assert f"{RELU}#3" in names and RELU not in names
     assert RELU in layer_names(bottleneck_resnet)  # without a forward pass: module names
+
+
+def test_trace_leaves_the_model_as_it_was():
+    from circuits.layers import example_input, trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    model.train()
+    model[1].eval()  # a frozen batch norm inside a training model stays frozen
+    assert example_input(model).shape == (1, 1, 224, 224)  # channels from the first convolution
+    calls = trace(model, torch.rand(2, 1, 8, 8))
+    assert [c.name for c in calls] == ["0", "1", "2", "3", "4"]
+    assert calls[2].output.shape == (2, 4, 6, 6) and calls[2].inputs[0] is calls[1].output
+    assert model.training and model[0].training and not model[1].training
+    assert torch.equal(model[1].running_mean, torch.zeros(4))  # eval mode: no statistics updated
+    assert _n_hooks(model) == 0
