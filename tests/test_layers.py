@@ -3,8 +3,10 @@ import torch
 from torch import nn
 
 from circuits.layers import (
+    AmbiguousLayerError,
     Target,
     UnknownLayerError,
+    call_counts,
     capture,
     check_channel,
     get_layer,
@@ -13,6 +15,7 @@ from circuits.layers import (
     parse_target,
     replace_activation,
     run_until,
+    split_call,
 )
 from circuits.models import FashionInception
 
@@ -92,6 +95,10 @@ def test_run_until_stops_early_and_matches_full_forward(model):
     handle = model.logits.register_forward_hook(lambda *a: calls.append(1))
     try:
         x = torch.rand(3, 1, 28, 28)
+        # the first pass with bare names runs to the end: it makes sure each module runs once
+        run_until(model, x, ["mixed3a", "conv2d2"])
+        assert calls == [1]
+        calls.clear()
         acts = run_until(model, x, ["mixed3a", "conv2d2"])
         assert not calls, "logits ran although only mixed3a was needed"
         with capture(model, ["mixed3a"]) as full:
@@ -116,6 +123,8 @@ def test_list_layers_shapes_and_params(model):
         ("mixed4a:476", Target("mixed4a", 476)),
         ("mixed4a:476@3,4", Target("mixed4a", 476, (3, 4))),
         ("features.3:7", Target("features.3", 7)),
+        ("layer1.0.relu#2", Target("layer1.0.relu#2")),
+        ("layer1.0.relu#2:5@1,1", Target("layer1.0.relu#2", 5, (1, 1))),
     ],
 )
 def test_parse_target(spec, expected):
@@ -123,7 +132,7 @@ def test_parse_target(spec, expected):
     assert str(parse_target(spec)) == spec
 
 
-@pytest.mark.parametrize("bad", ["", ":3", "mixed4a:x", "mixed4a:-1", "mixed4a:3@1"])
+@pytest.mark.parametrize("bad", ["", ":3", "mixed4a:x", "mixed4a:-1", "mixed4a:3@1", "relu#0:1", "relu#x", "#2:1"])
 def test_parse_target_errors(bad):
     with pytest.raises(ValueError):
         parse_target(bad)
@@ -147,3 +156,137 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert target.read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
     assert os.stat(target).st_mode & 0o044, "results must be readable by others, like any other file"
+
+
+# --------------------------------------------------------------------------- per-call names
+
+
+@pytest.fixture(scope="module")
+def bottleneck_resnet():
+    """torchvision's Bottleneck ResNet: each block calls its one ``relu`` three times."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10).eval()
+    model.input_shape = (3, 32, 32)
+    return model
+
+
+RELU = "layer1.0.relu"
+
+
+def test_split_call():
+    assert split_call("layer1.0.relu#3") == ("layer1.0.relu", 3)
+    assert split_call("mixed3a") == ("mixed3a", None)
+    with pytest.raises(ValueError, match="module#k"):
+        split_call("relu#0")
+
+
+def test_each_call_of_a_module_is_its_own_layer(bottleneck_resnet):
+    model = bottleneck_resnet
+    assert call_counts(model)[RELU] == 3
+    x = torch.rand(2, 3, 32, 32)
+    block = "layer1.0"
+    with capture(model, [f"{RELU}#1", f"{RELU}#2", f"{RELU}#3", f"{block}.bn1", f"{block}.bn2", block]) as a:
+        model(x)
+    assert torch.equal(a[f"{RELU}#1"], torch.relu(a[f"{block}.bn1"]))
+    assert torch.equal(a[f"{RELU}#2"], torch.relu(a[f"{block}.bn2"]))
+    assert torch.equal(a[f"{RELU}#3"], a[block])  # the block's output is its last ReLU
+    acts = run_until(model, x, [f"{RELU}#2"])
+    assert torch.equal(acts[f"{RELU}#2"], a[f"{RELU}#2"])
+    ran = []
+    handle = model.layer1[0].conv3.register_forward_hook(lambda *args: ran.append(1))
+    try:
+        run_until(model, x, [f"{RELU}#2"])
+        assert not ran, "run_until went past the second call"
+    finally:
+        handle.remove()
+    # replacing the second call only: conv3 (no bias) then sees zeros; the first call is untouched
+    with replace_activation(model, f"{RELU}#2", torch.zeros_like(a[f"{RELU}#2"])):
+        with capture(model, [f"{block}.conv3", f"{RELU}#1"]) as b:
+            model(x)
+    assert torch.equal(b[f"{block}.conv3"], torch.zeros_like(b[f"{block}.conv3"]))
+    assert torch.equal(b[f"{RELU}#1"], a[f"{RELU}#1"])
+    assert _n_hooks(model) == 0
+
+
+def test_resnet18_relu_calls_through_capture_and_run_until():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with capture(model, [f"{RELU}#1", f"{RELU}#2", "layer1.0.bn1", "layer1.0"]) as a:
+        model(x)
+    assert torch.equal(a[f"{RELU}#1"], torch.relu(a["layer1.0.bn1"]))
+    assert torch.equal(a[f"{RELU}#2"], a["layer1.0"])
+    assert torch.equal(run_until(model, x, f"{RELU}#1")[f"{RELU}#1"], a[f"{RELU}#1"])
+    with capture(model, ["relu", "bn1"]) as stem:  # the stem's ReLU runs once: its bare name is fine
+        model(x)
+    assert torch.equal(stem["relu"], torch.relu(stem["bn1"]))
+
+
+def test_a_bare_name_of_a_repeated_module_is_refused_everywhere(bottleneck_resnet):
+    model = bottleneck_resnet
+    x = torch.rand(1, 3, 32, 32)
+    expected = f"layer {RELU!r} runs 3 times in one forward pass; name one call: {RELU}#1, {RELU}#2, {RELU}#3"
+    with pytest.raises(AmbiguousLayerError) as e:
+        with capture(model, RELU):
+            model(x)
+    assert str(e.value) == expected
+    with pytest.raises(AmbiguousLayerError) as e:
+        run_until(model, x, [RELU])
+    assert str(e.value) == expected
+    with pytest.raises(AmbiguousLayerError) as e:
+        with replace_activation(model, RELU, lambda t: t):
+            model(x)
+    assert str(e.value) == expected
+    from circuits.layouts import get_layout
+
+    with pytest.raises(AmbiguousLayerError) as e:
+        get_layout(model, RELU)
+    assert str(e.value) == expected
+    with pytest.raises(UnknownLayerError) as e:
+        run_until(model, x, [f"{RELU}#4"])
+    assert f"valid: {RELU}#1, {RELU}#2, {RELU}#3" in str(e.value) and "\n" not in str(e.value)
+    assert _n_hooks(model) == 0
+
+
+def test_a_bare_name_is_refused_on_a_fresh_model_too():
+    """Without remembered call counts the ambiguity shows on the first forward pass."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    with pytest.raises(AmbiguousLayerError, match=r"runs 2 times.*layer1\.0\.relu#2"):
+        run_until(model, torch.rand(1, 3, 64, 64), [RELU])
+    fresh = torchvision.models.resnet18(num_classes=10).eval()
+    with pytest.raises(AmbiguousLayerError, match="runs 2 times"):
+        with capture(fresh, RELU):
+            fresh(torch.rand(1, 3, 64, 64))
+
+
+def test_list_layers_and_layer_names_show_each_call(bottleneck_resnet):
+    rows = {r.name: r for r in list_layers(bottleneck_resnet)}
+    assert RELU not in rows
+    assert [rows[f"{RELU}#{k}"].output_shape for k in (1, 2, 3)] == [(64, 8, 8), (64, 8, 8), (256, 8, 8)]
+    assert rows["relu"].output_shape == (64, 16, 16)  # the stem's ReLU runs once: no '#'
+    assert sum(r.n_params for r in rows.values()) == sum(p.numel() for p in bottleneck_resnet.parameters())
+    names = layer_names(bottleneck_resnet, (3, 32, 32))
+    assert f"{RELU}#3" in names and RELU not in names
+    assert RELU in layer_names(bottleneck_resnet)  # without a forward pass: module names
+
+
+def test_trace_leaves_the_model_as_it_was():
+    from circuits.layers import example_input, trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    model.train()
+    model[1].eval()  # a frozen batch norm inside a training model stays frozen
+    assert example_input(model).shape == (1, 1, 224, 224)  # channels from the first convolution
+    calls = trace(model, torch.rand(2, 1, 8, 8))
+    assert [c.name for c in calls] == ["0", "1", "2", "3", "4"]
+    assert calls[2].output.shape == (2, 4, 6, 6) and calls[2].inputs[0] is calls[1].output
+    assert model.training and model[0].training and not model[1].training
+    assert torch.equal(model[1].running_mean, torch.zeros(4))  # eval mode: no statistics updated
+    assert _n_hooks(model) == 0

@@ -4,6 +4,11 @@
 layer any target reads), keeps a running top-k per target, and returns the indices and
 activation values of the ``k`` strongest images for every target. :func:`objective_values`
 returns the full ``[targets, images]`` matrix when all values are wanted.
+
+Activations are read through each layer's :class:`~circuits.layouts.Layout` (detected once
+per model and image size, :func:`circuits.layouts.get_layouts`): a channel is the feature
+axis and a position one on the spatial or patch grid, for CNNs, channels-last stages and
+ViT blocks alike (the class and register tokens are not positions).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..layers import run_until
+from ..layouts import Layout, get_layouts
 from ..models import preprocess_input
 from .objectives import Objective, as_objective
 
@@ -82,18 +88,17 @@ def _scan(model: nn.Module, objs: list[Objective], data: Data, batch_size: int, 
             total = None
     was_training = model.training
     model.eval()
-    validated = False
+    layouts: Optional[dict[str, Layout]] = None
     try:
         with torch.no_grad(), tqdm(total=total, desc="dataset examples", disable=not progress, leave=False) as bar:
             for batch in _batches(data, batch_size):
                 x = preprocess_input(model, batch.to(device=device, dtype=torch.float32))
-                acts = run_until(model, x, layers, detach=True)
-                if not validated:
-                    shapes = {k: tuple(v.shape[1:]) for k, v in acts.items()}
+                if layouts is None:  # before the first pass: a wrong target fails before any work
+                    layouts = get_layouts(model, layers, input_shape=tuple(x.shape[1:]))
                     for o in objs:
-                        o.validate(shapes)
-                    validated = True
-                yield torch.stack([o(acts).float() for o in objs]).cpu()
+                        o.validate(layouts)
+                acts = run_until(model, x, layers, detach=True)
+                yield torch.stack([o(acts, layouts).float() for o in objs]).cpu()
                 bar.update(batch.shape[0])
     finally:
         model.train(was_training)

@@ -1,12 +1,20 @@
 """Objectives: what a feature visualization maximises, one value per batch element.
 
-An :class:`Objective` maps a dict of layer activations (``[B, C, H, W]`` for conv layers,
-``[B, F]`` for dense layers such as logits) to a tensor ``[B]``: its value for each batch
-element. The same object therefore scores rendered images *and* data set images.
+An :class:`Objective` maps a dict of layer activations and their layouts to a tensor
+``[B]``: its value for each batch element, ``obj(acts, layouts)``. The same object
+therefore scores rendered images *and* data set images. ``layouts`` maps layer names to
+:class:`circuits.layouts.Layout` (:func:`circuits.layouts.get_layouts`), so the channel is
+always the feature axis and a position always one on the spatial or patch grid: on a ViT
+block ``[B, 1 + h*w, d]`` channel ``n`` is feature ``n`` of the patch tokens (the class and
+register tokens are left out), on a Swin stage ``[B, h, w, c]`` it is the last axis.
+Without ``layouts`` an activation's layout is guessed from its shape
+(:meth:`~circuits.layouts.Layout.guess`: 4-D is channels-first), which is right for CNNs
+but not for channels-last layers.
 
-* :func:`channel` — mean of one channel over all positions (``acts[:, n].mean((-2, -1))``);
-  for a dense layer, the feature itself.
-* :func:`neuron` — one channel at one position (the centre by default).
+* :func:`channel` — mean of one channel over all grid positions; for a dense layer, the
+  feature itself.
+* :func:`neuron` — one channel at one position (the centre, :func:`circuits.layers.centre`,
+  by default).
 * :func:`direction` — dot product of the activation vector over channels with ``vec``,
   at one position or averaged over positions.
 * :func:`direction_cossim` — Lucid's ``direction_neuron_cossim``: ``dot * max(cos, 0.1) ** p``
@@ -17,19 +25,24 @@ Target strings work everywhere: ``as_objective("mixed4a:476")`` is ``channel("mi
 and ``"mixed4a:476@3,4"`` is ``neuron("mixed4a", 476, (3, 4))``.
 
 Each objective knows the layers it reads (``.layers``), a stable text ``.key`` (used in cache
-keys and seeds) and checks itself against the layer shapes (``.validate``) before any
-optimisation starts, so a wrong channel or vector length fails fast with a clear message.
+keys and seeds) and checks itself against the layer layouts (``.validate``) before any
+optimisation starts, so a wrong channel or vector length fails fast with a clear message::
+
+    layouts = get_layouts(model, objective.layers, input_shape=(3, 224, 224))
+    objective.validate(layouts)
+    values = objective(acts, layouts)        # [B]
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ..layers import Target, centre, check_channel, parse_target
+from ..layers import Target, parse_target
+from ..layouts import Layout
 
 __all__ = [
     "Objective",
@@ -46,27 +59,31 @@ __all__ = [
 ]
 
 Acts = Mapping[str, torch.Tensor]
+Layouts = Optional[Mapping[str, Layout]]
 Position = Union[tuple[int, int], str, None]
 
 
-def _spatial(t: torch.Tensor) -> torch.Tensor:
-    """``[B, C, ...]`` → ``[B, C, P]`` (P = number of positions; 1 for dense layers)."""
-    if t.ndim == 2:
-        return t[:, :, None]
-    return t.flatten(2)
+def _layout(acts: Acts, layouts: Layouts, layer: str) -> tuple[torch.Tensor, Layout]:
+    """The activation of ``layer`` and its layout, fitted to the activation's shape."""
+    t = acts[layer]
+    shape = tuple(t.shape[1:])
+    known = layouts.get(layer) if layouts is not None else None
+    return t, (known.fit(shape) if known is not None else Layout.guess(shape))
 
 
 class Objective:
-    """Base class: ``obj(acts) -> [B]``; supports ``+``, ``-``, ``*``/``/`` by scalars."""
+    """Base class: ``obj(acts, layouts=None) -> [B]``; supports ``+``, ``-``, ``*``/``/`` by scalars."""
 
     layers: tuple[str, ...] = ()
     key: str = "objective"
 
-    def __call__(self, acts: Acts) -> torch.Tensor:  # pragma: no cover - abstract
+    def __call__(self, acts: Acts, layouts: Layouts = None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def validate(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        """Raise ``ValueError`` if this objective does not fit the layer shapes (batch excluded)."""
+    def validate(self, layouts: Mapping[str, Union[Layout, tuple[int, ...]]]) -> None:
+        """Raise ``ValueError`` if this objective does not fit the layers. ``layouts`` maps each
+        layer to its :class:`~circuits.layouts.Layout` (or, guessed from it, its activation
+        shape without the batch)."""
 
     def __repr__(self) -> str:
         return f"<Objective {self.key}>"
@@ -107,47 +124,37 @@ class Objective:
         return Scaled(self, 1.0 / float(factor))
 
 
-def _layer_shape(shapes: Mapping[str, tuple[int, ...]], layer: str) -> tuple[int, ...]:
-    if layer not in shapes:
-        raise ValueError(f"layer {layer!r} was not computed (have: {sorted(shapes)})")
-    return tuple(shapes[layer])
+def _layer_layout(layouts: Mapping[str, Union[Layout, tuple[int, ...]]], layer: str) -> Layout:
+    if layer not in layouts:
+        raise ValueError(f"layer {layer!r} was not computed (have: {sorted(layouts)})")
+    known = layouts[layer]
+    return known if isinstance(known, Layout) else Layout.guess(tuple(known))
 
 
-def _check_position(layer: str, shape: tuple[int, ...], position: Position) -> None:
-    if position is None or position == "center":
+def _check_position(layer: str, layout: Layout, position: Position) -> None:
+    if position is None:
         return
-    if len(shape) < 3:
-        raise ValueError(f"layer {layer!r} is dense (shape {shape}); a position makes no sense there")
-    y, x = position  # type: ignore[misc]
-    h, w = shape[-2], shape[-1]
-    if not (0 <= y < h and 0 <= x < w):
-        raise ValueError(f"position (y={y}, x={x}) is outside layer {layer!r}, which is {h}x{w} (valid y 0..{h - 1}, x 0..{w - 1})")
-
-
-def _at(t: torch.Tensor, position: Position) -> torch.Tensor:
-    """``[B, C, H, W]`` → ``[B, C]`` at ``position`` (``"center"`` = ``(H // 2, W // 2)``)."""
-    if t.ndim == 2:
-        return t
     if position == "center":
-        return t[(slice(None), slice(None), *centre(t.shape[-2], t.shape[-1]))]
-    y, x = position  # type: ignore[misc]
-    return t[:, :, y, x]
+        layout.centre()  # a token layer without a known grid has no centre
+        return
+    layout.check_position(layer, position)  # type: ignore[arg-type]
 
 
 class Channel(Objective):
-    """Mean activation of channel ``n`` of ``layer`` over all positions (dense: feature ``n``)."""
+    """Mean activation of channel ``n`` of ``layer`` over all grid positions (patch tokens
+    only on token layers; dense: feature ``n``)."""
 
     def __init__(self, layer: str, n: int):
         self.layer, self.n = layer, int(n)
         self.layers = (layer,)
         self.key = f"{layer}:{self.n}"
 
-    def __call__(self, acts: Acts) -> torch.Tensor:
-        t = acts[self.layer]
-        return t[:, self.n] if t.ndim == 2 else _spatial(t)[:, self.n].mean(-1)
+    def __call__(self, acts: Acts, layouts: Layouts = None) -> torch.Tensor:
+        t, layout = _layout(acts, layouts, self.layer)
+        return layout.positions(t)[:, self.n].mean(-1)
 
-    def validate(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        check_channel(self.layer, self.n, _layer_shape(shapes, self.layer)[0])
+    def validate(self, layouts: Mapping[str, Union[Layout, tuple[int, ...]]]) -> None:
+        _layer_layout(layouts, self.layer).check_channel(self.layer, self.n)
 
 
 class Neuron(Objective):
@@ -160,13 +167,14 @@ class Neuron(Objective):
         pos = "" if self.position == "center" else f"@{self.position[0]},{self.position[1]}"  # type: ignore[index]
         self.key = f"{layer}:{self.n}{pos}" if pos else f"neuron({layer}:{self.n})"
 
-    def __call__(self, acts: Acts) -> torch.Tensor:
-        return _at(acts[self.layer], self.position)[:, self.n]
+    def __call__(self, acts: Acts, layouts: Layouts = None) -> torch.Tensor:
+        t, layout = _layout(acts, layouts, self.layer)
+        return layout.at(t, self.position, self.layer)[:, self.n]  # type: ignore[arg-type]
 
-    def validate(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        shape = _layer_shape(shapes, self.layer)
-        check_channel(self.layer, self.n, shape[0])
-        _check_position(self.layer, shape, self.position)
+    def validate(self, layouts: Mapping[str, Union[Layout, tuple[int, ...]]]) -> None:
+        layout = _layer_layout(layouts, self.layer)
+        layout.check_channel(self.layer, self.n)
+        _check_position(self.layer, layout, self.position)
 
 
 def _as_vector(vec: object) -> torch.Tensor:
@@ -203,20 +211,21 @@ class _DirectionBase(Objective):
             self._cache[k] = self.vec.to(device=like.device, dtype=like.dtype)
         return self._cache[k]
 
-    def validate(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        shape = _layer_shape(shapes, self.layer)
-        if self.vec.numel() != shape[0]:
+    def validate(self, layouts: Mapping[str, Union[Layout, tuple[int, ...]]]) -> None:
+        layout = _layer_layout(layouts, self.layer)
+        if self.vec.numel() != layout.channels:
             raise ValueError(
                 f"direction vector has length {self.vec.numel()}, but layer {self.layer!r} has "
-                f"{shape[0]} channels; the vector must have one entry per channel"
+                f"{layout.channels} channels; the vector must have one entry per channel"
             )
-        _check_position(self.layer, shape, self.position)
+        _check_position(self.layer, layout, self.position)
 
-    def _vectors(self, t: torch.Tensor) -> torch.Tensor:
+    def _vectors(self, acts: Acts, layouts: Layouts) -> torch.Tensor:
         """``[B, C, P]`` activation vectors at the chosen position(s)."""
+        t, layout = _layout(acts, layouts, self.layer)
         if self.position is None:
-            return _spatial(t)
-        return _at(t, self.position)[:, :, None]
+            return layout.positions(t)
+        return layout.at(t, self.position, self.layer)[:, :, None]  # type: ignore[arg-type]
 
 
 class Direction(_DirectionBase):
@@ -226,8 +235,8 @@ class Direction(_DirectionBase):
         super().__init__(layer, vec, position)
         self.key = f"direction({layer},{_vec_digest(self.vec)},{self._pos_text()})"
 
-    def __call__(self, acts: Acts) -> torch.Tensor:
-        a = self._vectors(acts[self.layer])
+    def __call__(self, acts: Acts, layouts: Layouts = None) -> torch.Tensor:
+        a = self._vectors(acts, layouts)
         return torch.einsum("bcp,c->bp", a, self._v(a)).mean(-1)
 
 
@@ -242,8 +251,8 @@ class DirectionCossim(_DirectionBase):
         self.cossim_pow, self.eps = float(cossim_pow), float(eps)
         self.key = f"direction_cossim({layer},{_vec_digest(self.vec)},{self._pos_text()},{self.cossim_pow:g})"
 
-    def __call__(self, acts: Acts) -> torch.Tensor:
-        a = self._vectors(acts[self.layer])
+    def __call__(self, acts: Acts, layouts: Layouts = None) -> torch.Tensor:
+        a = self._vectors(acts, layouts)
         v = self._v(a)
         raw = torch.einsum("bcp,c->bp", a, v)
         dot = raw / v.numel()
@@ -262,15 +271,15 @@ class Sum(Objective):
         self.layers = tuple(dict.fromkeys(l for t in flat for l in t.layers))
         self.key = "(" + " + ".join(t.key for t in flat) + ")"
 
-    def __call__(self, acts: Acts) -> torch.Tensor:
-        out = self.terms[0](acts)
+    def __call__(self, acts: Acts, layouts: Layouts = None) -> torch.Tensor:
+        out = self.terms[0](acts, layouts)
         for t in self.terms[1:]:
-            out = out + t(acts)
+            out = out + t(acts, layouts)
         return out
 
-    def validate(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    def validate(self, layouts: Mapping[str, Union[Layout, tuple[int, ...]]]) -> None:
         for t in self.terms:
-            t.validate(shapes)
+            t.validate(layouts)
 
 
 class Scaled(Objective):
@@ -281,20 +290,22 @@ class Scaled(Objective):
         self.layers = obj.layers
         self.key = f"{self.factor:g}*{obj.key}"
 
-    def __call__(self, acts: Acts) -> torch.Tensor:
-        return self.factor * self.obj(acts)
+    def __call__(self, acts: Acts, layouts: Layouts = None) -> torch.Tensor:
+        return self.factor * self.obj(acts, layouts)
 
-    def validate(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        self.obj.validate(shapes)
+    def validate(self, layouts: Mapping[str, Union[Layout, tuple[int, ...]]]) -> None:
+        self.obj.validate(layouts)
 
 
 def channel(layer: str, n: int) -> Channel:
-    """Mean of channel ``n`` over all positions of ``layer`` (dense layers: feature ``n``)."""
+    """Mean of channel ``n`` over all grid positions of ``layer`` (token layers: over the patch
+    tokens; dense layers: feature ``n``)."""
     return Channel(layer, n)
 
 
 def neuron(layer: str, n: int, position: tuple[int, int] | None = None) -> Neuron:
-    """Channel ``n`` at ``position = (y, x)`` (default: the centre ``(H // 2, W // 2)``)."""
+    """Channel ``n`` at ``position = (y, x)`` on the spatial/patch grid (default: the centre,
+    :func:`circuits.layers.centre`)."""
     return Neuron(layer, n, position)
 
 
@@ -328,11 +339,11 @@ def as_objective(target: Union[str, Target, Objective]) -> Objective:
     return Neuron(t.layer, t.channel, t.position)
 
 
-def evaluate_batch(objectives: Sequence[Objective], acts: Acts) -> torch.Tensor:
+def evaluate_batch(objectives: Sequence[Objective], acts: Acts, layouts: Layouts = None) -> torch.Tensor:
     """Values ``[B]`` where element ``i`` is ``objectives[i]`` evaluated on batch element ``i``.
 
-    Plain :class:`Channel` objectives are gathered in one indexing operation per layer; the
-    others are evaluated on their own slice of the batch.
+    ``layouts`` as for :class:`Objective`. Plain :class:`Channel` objectives are gathered in
+    one indexing operation per layer; the others are evaluated on their own slice of the batch.
     """
     b = len(objectives)
     parts: list[tuple[list[int], torch.Tensor]] = []
@@ -344,14 +355,13 @@ def evaluate_batch(objectives: Sequence[Objective], acts: Acts) -> torch.Tensor:
         else:
             others.append(i)
     for layer, rows in groups.items():
-        t = acts[layer]
+        t, layout = _layout(acts, layouts, layer)
         dev = t.device
         r = torch.tensor(rows, device=dev)
         c = torch.tensor([objectives[i].n for i in rows], device=dev)  # type: ignore[attr-defined]
-        vals = t[r, c] if t.ndim == 2 else _spatial(t)[r, c].mean(-1)
-        parts.append((rows, vals))
+        parts.append((rows, layout.positions(t)[r, c].mean(-1)))
     for i in others:
-        vals = objectives[i]({k: v[i:i + 1] for k, v in acts.items()})
+        vals = objectives[i]({k: v[i:i + 1] for k, v in acts.items()}, layouts)
         parts.append(([i], vals.reshape(1)))
     if len(parts) == 1 and parts[0][0] == list(range(b)):
         return parts[0][1]
