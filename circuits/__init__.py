@@ -4,7 +4,8 @@ The public API is re-exported here; each idea lives in its own module:
 
 * :mod:`circuits.models` — InceptionV1 (Lucid names), the bundled trained FashionInception,
   torchvision and timm models, weight loading, :func:`resolve_model`;
-* :mod:`circuits.layers` — layer names, capture, replacement, truncated forward passes;
+* :mod:`circuits.layers` — layer names (``name#k`` per call), capture, replacement, truncated forward passes;
+* :mod:`circuits.layouts` — where channels and positions are in any activation (CNN, channels-last, ViT tokens, dense);
 * :mod:`circuits.wiring` — how layers connect: channel counts, branches, adjacent
   convolutions, the blocks worth paging;
 * :mod:`circuits.nmf` — one-sided NMF of weights (batched, scikit-learn style);
@@ -40,7 +41,9 @@ _EXPORTS: dict[str, str] = {
     # layers
     "LayerInfo": "layers", "Target": "layers", "UnknownLayerError": "layers", "capture": "layers",
     "get_layer": "layers", "layer_names": "layers", "list_layers": "layers", "parse_target": "layers",
-    "replace_activation": "layers", "run_until": "layers", "centre": "layers",
+    "replace_activation": "layers", "run_until": "layers", "centre": "layers", "AmbiguousLayerError": "layers",
+    # layouts
+    "Layout": "layouts", "get_layout": "layouts", "set_layout": "layouts",
     # wiring
     "channel_counts": "wiring", "interesting_layers": "wiring", "default_upstream": "wiring",
     # nmf
@@ -56,7 +59,7 @@ _EXPORTS: dict[str, str] = {
     # figures
     "build_pages": "figures", "PageSettings": "figures",
 }
-_SUBMODULES = ("expanded", "featurevis", "figures", "layers", "models", "nmf", "wiring", "inspect", "atlas")
+_SUBMODULES = ("expanded", "featurevis", "figures", "layers", "layouts", "models", "nmf", "wiring", "inspect", "atlas")
 
 __all__ = list(_EXPORTS) + list(_SUBMODULES)
 
@@ -77,7 +80,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from . import atlas, expanded, featurevis, figures, inspect, layers, models, nmf, wiring
+    from . import atlas, expanded, featurevis, figures, inspect, layers, layouts, models, nmf, wiring
     from .expanded import (
         Connection,
         TopInputs,
@@ -92,6 +95,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .featurevis import FeatureVisCache, RenderResult, dataset_examples, render, variable_names
     from .figures import PageSettings, build_pages
     from .layers import (
+        AmbiguousLayerError,
         LayerInfo,
         Target,
         UnknownLayerError,
@@ -104,6 +108,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         replace_activation,
         run_until,
     )
+    from .layouts import Layout, get_layout, set_layout
     from .models import FashionInception, InceptionV1, WeightsError, load_model, load_weights, preprocess_input, resolve_model
     from .nmf import NMFReducer, factors_rgb, family_factors, neuron_factors, posneg, weight_banding
     from .wiring import channel_counts, default_upstream, interesting_layers

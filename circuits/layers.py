@@ -38,6 +38,9 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .models import device_and_dtype
+from .models import input_shape as declared_input_shape
+
 __all__ = [
     "UnknownLayerError",
     "AmbiguousLayerError",
@@ -315,36 +318,15 @@ def _first_tensor(output: object) -> torch.Tensor:
 # --------------------------------------------------------------------------- probe forward
 
 
-def _declared_input_shape(model: nn.Module) -> tuple[int, ...]:
-    shape = getattr(model, "input_shape", None)
-    if shape is not None:
-        return tuple(int(v) for v in shape)
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    channels = first_conv.in_channels if first_conv is not None else 3
-    size = getattr(model, "image_size", None)  # torchvision VisionTransformer
-    if isinstance(size, int):
-        return (channels, size, size)
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # timm ViT-style models
-    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
-        return (channels, *size)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:
-        return tuple(int(v) for v in cfg["input_size"])
-    return (channels, 224, 224)
-
-
 def example_input(model: nn.Module, input_shape: Sequence[int] | None = None, batch: int = 1) -> torch.Tensor:
     """A fixed-seed uniform ``[batch, *input_shape]`` tensor on the model's device and dtype.
 
-    ``input_shape`` is one example's shape, e.g. ``(3, 224, 224)``; by default the model's
-    ``input_shape`` attribute, else what the model states about itself (torchvision ViT's
-    ``image_size``, timm's ``patch_embed.img_size`` / ``pretrained_cfg``), else 224 × 224 with
-    the first convolution's input channels (3 without one).
+    ``input_shape`` is one example's shape, e.g. ``(3, 224, 224)``; by default
+    :func:`circuits.models.input_shape` (the model's ``input_shape`` attribute, else what the
+    model states about itself).
     """
-    shape = tuple(int(v) for v in input_shape) if input_shape is not None else _declared_input_shape(model)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    shape = tuple(int(v) for v in input_shape) if input_shape is not None else declared_input_shape(model)
+    device, dtype = device_and_dtype(model)
     x = torch.rand((batch, *shape), generator=torch.Generator().manual_seed(0))
     return x.to(device=device, dtype=dtype)
 

@@ -35,9 +35,8 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .layers import check_channel, get_layer, layer_names, parse_target
-from .models import device_and_dtype
-from .models import input_shape as model_input_shape
+from .layers import check_channel, example_input, get_layer, layer_names, parse_target, split_call, structure_key, trace
+from .layouts import get_layouts
 
 __all__ = [
     "Call",
@@ -102,7 +101,7 @@ class LayerGraph:
     def call(self, name: str) -> Optional[Call]:
         """The call ``name`` (``"layer"`` when called once, ``"layer#k"`` for the k-th call);
         ``None`` when it never ran or a bare name was called several times."""
-        base, k = _split_call(name)
+        base, k = split_call(name)
         calls = self.calls.get(base, [])
         if k is None:
             return calls[0] if len(calls) == 1 else None
@@ -110,7 +109,7 @@ class LayerGraph:
 
     def n_calls(self, name: str) -> int:
         """How often the module ``name`` ran in the probe pass."""
-        return len(self.calls.get(_split_call(name)[0], []))
+        return len(self.calls.get(split_call(name)[0], []))
 
     def output_shape(self, name: str) -> Optional[tuple[int, ...]]:
         """Output shape without the batch dimension, or ``None``."""
@@ -123,73 +122,40 @@ class LayerGraph:
         return next((n for n in self.producers.get(tensor, []) if n not in skip), None)
 
 
-def _split_call(name: str) -> tuple[str, Optional[int]]:
-    if "#" not in name:
-        return name, None
-    base, k = name.rsplit("#", 1)
-    if not k.isdigit() or int(k) < 1:
-        raise ValueError(f"bad call index in {name!r}: use 'layer#k' with k = 1, 2, ...")
-    return base, int(k)
-
-
-_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], LayerGraph]]" = weakref.WeakKeyDictionary()
+_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, LayerGraph]]" = weakref.WeakKeyDictionary()
 
 
 def layer_graph(model: nn.Module, input_shape: Optional[Sequence[int]] = None, refresh: bool = False) -> LayerGraph:
     """The :class:`LayerGraph` of ``model`` at ``input_shape`` (default: the model's), cached.
 
-    Runs one forward pass on zeros in eval mode (the train/eval flag is restored) with hooks
-    on every named module, all removed afterwards.
+    Built from one :func:`circuits.layers.trace` (a forward pass in eval mode, flags restored,
+    hooks removed). The cache follows the model's structure: swapping a submodule for another
+    re-probes; ``refresh=True`` forces it.
     """
-    shape = tuple(int(v) for v in (input_shape if input_shape is not None else model_input_shape(model)))
+    x = example_input(model, input_shape)
+    key = (structure_key(model), tuple(x.shape[1:]), str(x.dtype))
     per_model = _GRAPHS.setdefault(model, {})
-    if not refresh and shape in per_model:
-        return per_model[shape]
-    modules = [(n, m) for n, m in model.named_modules() if n]
-    numbers: dict[int, int] = {}
-    keep: list[torch.Tensor] = []  # holds every seen tensor, so ids stay unique during the pass
-    calls: dict[str, list[Call]] = {}
-    order: list[str] = []
+    if not refresh and key in per_model:
+        return per_model[key]
+    numbers: dict[int, int] = {id(x): 0}
 
     def number(t: torch.Tensor) -> int:
-        if id(t) not in numbers:
-            numbers[id(t)] = len(numbers)
-            keep.append(t)
-        return numbers[id(t)]
+        return numbers.setdefault(id(t), len(numbers))
 
-    def make(name: str):  # noqa: ANN202 - a hook factory
-        def hook(_m: nn.Module, args: tuple, out: object) -> None:
-            ins = [a for a in args if isinstance(a, torch.Tensor)]
-            first = out if isinstance(out, torch.Tensor) else (
-                out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else None)
-            call = Call(
-                inputs=tuple(number(t) for t in ins),
-                output=None if first is None else number(first),
-                input_shape=tuple(ins[0].shape) if ins else (),
-                output_shape=None if first is None else tuple(first.shape),
-            )
-            if name not in calls:
-                order.append(name)
-            calls.setdefault(name, []).append(call)
-
-        return hook
-
-    device, dtype = device_and_dtype(model)
-    x = torch.zeros((1, *shape), device=device, dtype=dtype)
-    number(x)
-    handles = []
-    was_training = model.training
-    try:
-        for n, m in modules:
-            handles.append(m.register_forward_hook(make(n)))
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    rank = {n: i for i, (n, _) in enumerate(modules)}
+    records = trace(model, x)  # keeps every tensor alive, so ids stay unique while numbering
+    calls: dict[str, list[Call]] = {}
+    order: list[str] = []
+    for rec in records:
+        call = Call(
+            inputs=tuple(number(t) for t in rec.inputs),
+            output=None if rec.output is None else number(rec.output),
+            input_shape=tuple(rec.inputs[0].shape) if rec.inputs else (),
+            output_shape=None if rec.output is None else tuple(rec.output.shape),
+        )
+        if rec.module_name not in calls:
+            order.append(rec.module_name)
+        calls.setdefault(rec.module_name, []).append(call)
+    rank = {n: i for i, (n, _) in enumerate(model.named_modules())}
     producers: dict[int, list[str]] = {}
     for name, cs in calls.items():
         for c in cs:
@@ -197,21 +163,16 @@ def layer_graph(model: nn.Module, input_shape: Optional[Sequence[int]] = None, r
                 producers[c.output].append(name)
     for names in producers.values():
         names.sort(key=lambda n: rank[n])
-    graph = LayerGraph(shape, calls, order, producers)
-    per_model[shape] = graph
+    graph = LayerGraph(tuple(x.shape[1:]), calls, order, producers)
+    per_model[key] = graph
     return graph
 
 
 def channel_counts(model: nn.Module, input_shape: Optional[Sequence[int]] = None) -> dict[str, int]:
-    """``{layer: channels}`` for every named layer that returned a tensor with a channel axis
-    (dim 1 of ``[batch, channels, ...]``; modules called several times are left out)."""
-    graph = layer_graph(model, input_shape)
-    out = {}
-    for name in graph.order:
-        shape = graph.output_shape(name)
-        if shape:
-            out[name] = int(shape[0])
-    return out
+    """``{layer: channels}`` for every layer with an activation layout (the feature axis of
+    :mod:`circuits.layouts`: dim 1 of a conv map, the last axis of a token or channels-last
+    activation); a module that runs several times has one entry per call (``name#k``)."""
+    return {name: lay.channels for name, lay in get_layouts(model, None, input_shape).items()}
 
 
 def concat_branches(model: nn.Module, layer: str, graph: Optional[LayerGraph] = None) -> Optional[list[tuple[str, int, int]]]:

@@ -65,7 +65,7 @@ def test_per_call_names_on_a_reused_module():
     first, second = g.call("layer1.0.relu#1"), g.call("layer1.0.relu#2")
     assert first.output_shape == second.output_shape == (1, 64, 16, 16) and first is not second
     assert g.call("layer1.0.relu#3") is None
-    with pytest.raises(ValueError, match="layer#k"):
+    with pytest.raises(ValueError, match="module#k"):
         g.call("layer1.0.relu#0")
     assert "layer1.0.relu" not in wiring.channel_counts(m)
 
@@ -95,6 +95,7 @@ def test_blocks_of_transformers():
     vit.input_shape = (3, 32, 32)
     assert wiring.block_outputs(vit) == [f"encoder.layers.encoder_layer_{i}" for i in range(4)]
     assert wiring.default_upstream(vit, "encoder.layers.encoder_layer_2") == ["encoder.layers.encoder_layer_1"]
+    assert wiring.channel_counts(vit)["encoder.layers.encoder_layer_0"] == 16  # the feature axis, not the 17 tokens
     swin = _tv("swin_t", 64)
     blocks = wiring.block_outputs(swin)
     assert blocks[:4] == ["features.0", "features.1.0", "features.1.1", "features.2"]

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .._io import PathLike, atomic_write_text, state_dict_hash
 from ..datasets import resolve_dataset
 from ..figures.pages import PageSettings, split_overrides
-from ..layers import capture, get_layer, layer_names, run_until
+from ..layers import capture, get_layer, layer_names, run_until, split_call
 from ..models import device_and_dtype, preprocess_input
 from ..models import input_shape as model_input_shape
 from ..wiring import NeuronSpec, channel_counts, default_upstream, interesting_layers, select_neurons
@@ -268,7 +268,7 @@ def _floats_per_image(model: nn.Module, layer: str, out_size: tuple[int, int]) -
     dev, dtype = device_and_dtype(model)
     channels = model_input_shape(model)[0]
     x = preprocess_input(model, torch.full((1, channels, *out_size), 0.5, device=dev, dtype=dtype))
-    with torch.no_grad(), capture(model, layer_names(model), detach=True) as acts:
+    with torch.no_grad(), capture(model, layer_names(model, tuple(x.shape[1:])), detach=True) as acts:
         run_until(model, x, [layer], detach=True)
     return int(sum(v.numel() for v in acts.values()) + x.numel())
 
@@ -365,7 +365,8 @@ def make_plan(
         for us in ups.values():
             for u in us:
                 render_sets.setdefault(u, set()).update(range(counts[u]))
-    order = [n for n in layer_names(model) if n in render_sets]
+    rank = {n: i for i, n in enumerate(layer_names(model))}
+    order = sorted(render_sets, key=lambda n: (rank.get(split_call(n)[0], len(rank)), n))
 
     batch_sizes: dict[str, int] = {}
     for l in order:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..layers import run_until
 from ..layouts import Layout, get_layouts
-from ..models import preprocess_input
+from ..models import device_and_dtype, preprocess_input
 from .objectives import Objective, as_objective
 
 __all__ = ["DatasetExamples", "dataset_examples", "objective_values"]
@@ -76,8 +76,7 @@ def _scan(model: nn.Module, objs: list[Objective], data: Data, batch_size: int, 
     """Yield ``[targets, batch]`` objective values for successive batches."""
     layers = list(dict.fromkeys(l for o in objs for l in o.layers))
     if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
+        device, _ = device_and_dtype(model)
     total = None
     if isinstance(data, torch.Tensor):
         total = data.shape[0]

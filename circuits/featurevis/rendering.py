@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .._io import state_dict_hash
 from ..layers import capture, layer_names, run_until
+from ..layouts import Layout, get_layouts
 from ..models import input_shape, preprocess_input
 from . import transforms as T
 from .cache import FeatureVisCache, as_cache
@@ -222,14 +223,14 @@ def cache_requests(
     return [dict(base, objective=o.key, seed=element_seed(seed, o.key)) for o in objectives]
 
 
-def _probe(model: nn.Module, layers: Sequence[str], channels: int, out_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple[dict, int]:
-    """Shapes of the objective layers (batch excluded) and floats of activations per image."""
+def _probe(model: nn.Module, layers: Sequence[str], channels: int, out_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Layout], int]:
+    """Layouts of the objective layers and floats of activations per image."""
     x = preprocess_input(model, torch.full((1, channels, *out_size), 0.5, device=device, dtype=dtype))
-    names = layer_names(model)
+    names = layer_names(model, tuple(x.shape[1:]))
     with torch.no_grad(), capture(model, names, detach=True) as everything:
-        acts = run_until(model, x, list(layers), detach=True)
+        run_until(model, x, list(layers), detach=True)
     numel = sum(v.numel() for v in everything.values()) + x.numel()
-    return {k: tuple(v.shape[1:]) for k, v in acts.items()}, numel
+    return get_layouts(model, layers, input_shape=tuple(x.shape[1:])), numel
 
 
 def _auto_batch(per_image_floats: int, device: torch.device) -> int:
@@ -285,6 +286,7 @@ def _optimize(
     dtype: torch.dtype,
     amp: bool,
     channels_last: bool,
+    layouts: dict[str, Layout],
     bar: Optional[tqdm],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimise one batch: returns ``(images [B, C, H, W] cpu, values [B] cpu)``."""
@@ -305,7 +307,7 @@ def _optimize(
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             acts = run_until(model, x, layers)
-        return evaluate_batch(objectives, acts).float()
+        return evaluate_batch(objectives, acts, layouts).float()
 
     for step in range(steps):
         with redirected_relu(step < redirect_steps):
@@ -399,9 +401,9 @@ def render(
         warnings.warn("mixed_precision is only used on CUDA devices; rendering in float32", stacklevel=2)
 
     layers = list(dict.fromkeys(l for o in objectives for l in o.layers))
-    shapes, per_image = _probe(model, layers, channels, out_size, dev, dtype)
+    layouts, per_image = _probe(model, layers, channels, out_size, dev, dtype)
     for o in objectives:
-        o.validate(shapes)
+        o.validate(layouts)
 
     keys = [o.key for o in objectives]
     seeds = [element_seed(seed, k) for k in keys]
@@ -441,7 +443,7 @@ def render(
                         channels=channels, size=size_hw, out_size=out_size, param=param,
                         decorrelate=decorrelate, transforms=tr, steps=steps, lr=lr,
                         redirect_steps=redirect_steps, device=dev, dtype=dtype, amp=amp,
-                        channels_last=channels_last, bar=bar,
+                        channels_last=channels_last, layouts=layouts, bar=bar,
                     )
                     for j, i in enumerate(chunk):
                         images[i] = imgs[j]

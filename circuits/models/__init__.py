@@ -186,10 +186,26 @@ def preprocess_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return fn(x) if callable(fn) else x
 
 
-def input_shape(model: nn.Module, default: tuple[int, int, int] = (3, 224, 224)) -> tuple[int, int, int]:
-    """One example's input shape ``(C, H, W)``: ``model.input_shape`` when set, else ``default``."""
+def input_shape(model: nn.Module) -> tuple[int, ...]:
+    """One example's input shape ``(C, H, W)``: ``model.input_shape`` when set (every model from
+    :func:`load_model` sets it), else what the model states about itself (torchvision ViT's
+    ``image_size``, timm's ``patch_embed.img_size`` / ``pretrained_cfg["input_size"]``), else
+    224 × 224 with the first convolution's input channels (3 without one)."""
     shape = getattr(model, "input_shape", None)
-    return tuple(shape) if shape is not None else default  # type: ignore[return-value]
+    if shape is not None:
+        return tuple(int(v) for v in shape)
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first_conv.in_channels if first_conv is not None else 3
+    size = getattr(model, "image_size", None)  # torchvision VisionTransformer
+    if isinstance(size, int):
+        return (channels, size, size)
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # timm ViT-style models
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return (channels, *size)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and len(cfg.get("input_size", ())) == 3:
+        return tuple(int(v) for v in cfg["input_size"])
+    return (channels, 224, 224)
 
 
 def device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
