@@ -11,12 +11,22 @@
 Modules: ``param`` (Fourier image + colour decorrelation), ``transforms`` (Lucid's robustness
 transforms as one affine resample), ``objectives``, ``relu`` (redirected ReLU), ``rendering``
 (:func:`render`, :func:`variable_names`, :func:`cache_requests`),
-``cache`` (disk cache by model hash + request), ``examples`` (dataset examples).
+``cache`` (disk cache by model hash + request), ``examples`` (dataset examples: whole images
+by an objective, or receptive-field crops ranked by max activation with the most negative ones).
 """
 
 from . import objectives
 from .cache import FeatureVisCache, default_cache_dir
-from .examples import DatasetExamples, dataset_examples, objective_values
+from .examples import (
+    DatasetExamples,
+    NeuronExamples,
+    ReceptiveFields,
+    dataset_examples,
+    neuron_examples,
+    objective_values,
+    pre_activation,
+    receptive_fields,
+)
 from .objectives import Objective, as_objective, channel, direction, direction_cossim, neuron
 from .param import ImageParam
 from .relu import RedirectedReLUFunction, redirected_relu
@@ -39,6 +49,11 @@ __all__ = [
     "dataset_examples",
     "objective_values",
     "DatasetExamples",
+    "neuron_examples",
+    "NeuronExamples",
+    "receptive_fields",
+    "ReceptiveFields",
+    "pre_activation",
     "FeatureVisCache",
     "default_cache_dir",
     "ImageParam",
