@@ -10,13 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import base64
+import io
+
 import numpy as np
 from PIL import Image
 
 from .._io import PathLike, atomic_path
 from .palette import diverging_rgb, to_uint8
 
-__all__ = ["save_png", "save_image_png", "save_heatmap_png", "save_rgb_png", "tile_images", "colorbar_rgb"]
+__all__ = ["save_png", "save_image_png", "save_heatmap_png", "save_rgb_png", "tile_images", "colorbar_rgb",
+           "png_bytes", "png_data_uri"]
 
 
 def _upscale(a: np.ndarray, scale: int) -> np.ndarray:
@@ -27,15 +31,31 @@ def _upscale(a: np.ndarray, scale: int) -> np.ndarray:
     return np.repeat(np.repeat(a, scale, axis=0), scale, axis=1)
 
 
-def save_png(pixels: np.ndarray, path: PathLike, scale: int = 1) -> Path:
-    """Write ``uint8`` pixels ``[H, W]`` or ``[H, W, 3]`` as a PNG (atomically)."""
+def _image(pixels: np.ndarray, scale: int, what: str) -> Image.Image:
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8:
-        raise TypeError(f"save_png expects uint8 pixels, got {pixels.dtype}")
+        raise TypeError(f"{what} expects uint8 pixels, got {pixels.dtype}")
     if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
         raise ValueError(f"pixels must be [H, W], [H, W, 3] or [H, W, 4]; got {tuple(pixels.shape)}")
+    return Image.fromarray(np.ascontiguousarray(_upscale(pixels, scale)))
+
+
+def png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
+    """``uint8`` pixels ``[H, W]`` or ``[H, W, 3]`` encoded as PNG bytes."""
+    buf = io.BytesIO()
+    _image(pixels, scale, "png_bytes").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_data_uri(pixels: np.ndarray, scale: int = 1) -> str:
+    """``uint8`` pixels as a ``data:image/png;base64,...`` URI, to inline a small picture in HTML."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(pixels, scale)).decode("ascii")
+
+
+def save_png(pixels: np.ndarray, path: PathLike, scale: int = 1) -> Path:
+    """Write ``uint8`` pixels ``[H, W]`` or ``[H, W, 3]`` as a PNG (atomically)."""
     path = Path(path)
-    img = Image.fromarray(np.ascontiguousarray(_upscale(pixels, scale)))
+    img = _image(pixels, scale, "save_png")
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
     return path

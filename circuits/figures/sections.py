@@ -3,25 +3,42 @@
 For a neuron and each upstream layer that reaches it: the weights (direct kernel, or expanded
 weights across bottlenecks and pools), the top-``k`` inputs by L2 with their weight maps, a
 colour scale, and the NMF factors of the weights with how much of them they explain
-(:class:`NeuronConnections`). :func:`layer_sections` computes them for many neurons of one
+(:class:`NeuronConnections`). :func:`layer_connections` computes them for many neurons of one
 layer at once (one connection computation per upstream layer, one batched NMF per kernel
-shape); :mod:`circuits.figures.pages` draws them, and the atlas stores them.
+shape) together with the L2 of *every* connection (:class:`LayerConnections`), from which a
+page's outgoing connections are read; :func:`output_connections` gives the connections into
+a dense layer (the logits). :mod:`circuits.figures.pages` draws them, and the atlas stores them.
+
+What is factored: NMF finds spatial structure, so it is run only where the weights have more
+distinct spatial positions than factors (:func:`distinct_positions`). A ``1×1`` kernel has one;
+expanded weights through a ``2×2`` pool into a ``1×1`` conv are ``2×2`` but constant (one
+distinct position): both are drawn as signed bars and not factored (3 factors would "explain"
+them completely, which says nothing).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..wiring import LayerGraph, adjacent_conv, concat_branches, layer_graph
+from ..wiring import LayerGraph, adjacent_conv, channel_counts, concat_branches, layer_graph
 from .palette import symmetric_limit
-from .smallmultiples import factor_order, rank_inputs
+from .smallmultiples import rank_inputs
 
-__all__ = ["NeuronConnections", "connections_to", "layer_sections"]
+__all__ = [
+    "NeuronConnections",
+    "LayerConnections",
+    "connections_to",
+    "layer_connections",
+    "layer_sections",
+    "output_connections",
+    "distinct_positions",
+    "group_by_factor",
+]
 
 
 @dataclass
@@ -31,7 +48,9 @@ class NeuronConnections:
     ``channels`` are the upstream channels shown, in display order; ``slices`` their weight
     maps ``[n, kh, kw]``; ``norms`` their L2; ``factors`` the dominant NMF factor of each (or
     ``None``); ``limit`` the section's colour scale ``m``; ``explained`` the fraction of the
-    weights the NMF factors explain (``None`` when not factored); ``rgb`` the NMF picture.
+    weights the NMF factors explain (``None`` when not factored); ``rgb`` the NMF picture;
+    ``note`` why the section is not factored; ``warning`` a problem the page must show (e.g.
+    the NMF returned non-finite values).
     """
 
     upstream: str
@@ -46,22 +65,98 @@ class NeuronConnections:
     by_factor: bool = False
     rgb: Optional[np.ndarray] = None
     note: str = ""
+    warning: str = ""
 
 
-def _factor(weights: np.ndarray, k: int) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """NMF of ``weights [n, in, kh, kw]`` → ``(spatial [n,k,kh,kw], loadings [n,k,in], explained [n], rgb [n,H,W,3])``,
-    or ``None`` when the kernel has fewer positions than factors (nothing spatial to factor)."""
-    kh, kw = weights.shape[-2:]
-    if kh * kw < k:
-        return None
+@dataclass
+class LayerConnections:
+    """The connections into one layer from each of its upstream layers.
+
+    Attributes:
+        layer: the layer.
+        sections: ``{channel: [NeuronConnections, ...]}`` for the channels asked for.
+        norms: ``{upstream: [n_layer, n_upstream]}`` L2 of the weight slice of *every*
+            connection (all channels of ``layer``; ``0`` where a channel is not reached).
+        sums: ``{upstream: [n_layer, n_upstream]}`` the signed sum of each weight slice
+            (positive: the input excites the neuron overall).
+        kinds: ``{upstream: "direct" | "expanded" | "mixed"}``.
+    """
+
+    layer: str
+    sections: dict[int, list[NeuronConnections]]
+    norms: dict[str, np.ndarray] = field(default_factory=dict)
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+
+
+def distinct_positions(weights: np.ndarray, rtol: float = 1e-5) -> int:
+    """How many distinct spatial positions ``weights [..., in, kh, kw]`` has: positions whose
+    weight vectors (over everything but the spatial axes) agree within ``rtol`` of the
+    largest weight count once. ``1`` for a ``1×1`` kernel and for weights that a pool made
+    constant over its window."""
+    w = np.asarray(weights, dtype=np.float64)
+    cols = w.reshape(-1, w.shape[-2] * w.shape[-1]).T  # [positions, everything else]
+    scale = float(np.abs(cols).max()) if cols.size else 0.0
+    if scale == 0.0:
+        return 1
+    keys = np.round(cols / (rtol * scale)).astype(np.int64)
+    return int(np.unique(keys, axis=0).shape[0])
+
+
+def group_by_factor(norms: np.ndarray, loadings: np.ndarray, spatial: np.ndarray, chosen: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Order ``chosen`` input channels by dominant NMF factor, then by L2 within a group.
+
+    A channel's strength on factor ``f`` is ``|loadings[f, c]| * ||spatial[f]||``; its
+    dominant factor is the strongest. Returns ``(order, dominant)``: factor 0's group first,
+    each group by ``norms`` largest first (ties keep channel order), and the dominant factor
+    of each channel in ``order``.
+    """
+    chosen = np.asarray(chosen)
+    strength = np.abs(loadings[:, chosen]) * np.sqrt((spatial.reshape(spatial.shape[0], -1) ** 2).sum(1))[:, None]
+    dominant = strength.argmax(axis=0)
+    keys = np.lexsort((chosen, -norms[chosen], dominant))
+    return chosen[keys], dominant[keys]
+
+
+def _factor(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """NMF of ``weights [n, in, kh, kw]`` → ``(spatial [n,k,kh,kw], loadings [n,k,in], explained [n], rgb [n,H,W,3])``."""
     from .. import nmf
 
     f = nmf.neuron_factors(torch.as_tensor(weights, dtype=torch.float32), k)
-    spatial = np.asarray(f.spatial.detach().cpu() if isinstance(f.spatial, torch.Tensor) else f.spatial)
-    loadings = np.asarray(f.loadings.detach().cpu() if isinstance(f.loadings, torch.Tensor) else f.loadings)
-    explained = np.asarray(f.explained.detach().cpu() if isinstance(f.explained, torch.Tensor) else f.explained)
-    rgb = np.asarray(nmf.factors_rgb(f, scale=1))
-    return spatial, loadings, explained.reshape(-1), rgb
+
+    def arr(t: object) -> np.ndarray:
+        return np.asarray(t.detach().cpu() if isinstance(t, torch.Tensor) else t, dtype=np.float64)
+
+    spatial, loadings, explained = arr(f.spatial), arr(f.loadings), arr(f.explained).reshape(-1)
+    finite = np.isfinite(spatial).reshape(len(spatial), -1).all(1) & np.isfinite(loadings).reshape(len(loadings), -1).all(1) \
+        & np.isfinite(explained)
+    rgb = np.zeros((len(spatial), *spatial.shape[-2:], 3))
+    if finite.any():
+        rgb[finite] = np.asarray(nmf.factors_rgb(torch.as_tensor(spatial[finite]), scale=1))
+    explained = np.where(finite, explained, np.nan)
+    return spatial, loadings, explained, rgb
+
+
+def _factor_or_flag(weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """:func:`_factor`, with each neuron's failure (an error or non-finite values) as a message
+    instead of an exception: the batch is retried one neuron at a time when it fails."""
+    try:
+        spatial, loadings, explained, rgb = _factor(weights, k)
+        errors = ["" for _ in range(len(weights))]
+    except (ValueError, RuntimeError, FloatingPointError):
+        n, cin, kh, kw = weights.shape
+        spatial, loadings = np.zeros((n, k, kh, kw)), np.zeros((n, k, cin))
+        explained, rgb, errors = np.full(n, np.nan), np.zeros((n, kh, kw, 3)), []
+        for j in range(n):
+            try:
+                s, l, e, r = _factor(weights[j:j + 1], k)
+                spatial[j], loadings[j], explained[j], rgb[j] = s[0], l[0], e[0], r[0]
+                errors.append("")
+            except (ValueError, RuntimeError, FloatingPointError) as err:
+                errors.append(f"NMF failed: {err}")
+    errors = [e or ("" if np.isfinite(x) else "NMF returned non-finite values") for e, x in zip(errors, explained)]
+    return spatial, loadings, explained, rgb, errors
 
 
 def _crop_to_support(w: np.ndarray) -> np.ndarray:
@@ -96,6 +191,9 @@ def connections_to(
     non-zero weights: 1×1 for a 1×1 branch), and a branch that is a convolution of
     ``upstream`` itself gets its *direct* kernel (``kind="direct"``), e.g.
     ``mixed3b_3x3_bottleneck → mixed3b:60``.
+
+    Raises:
+        ValueError: non-finite weights (named by the first neuron that has them).
     """
     from ..expanded import connection_weights
 
@@ -103,6 +201,10 @@ def connections_to(
     graph = graph or layer_graph(model)
     conn = connection_weights(model, upstream, layer, channels=channels)
     W = _as_numpy4(conn.weights)
+    bad = ~np.isfinite(W).reshape(len(W), -1).all(1) if W.size else np.zeros(0, bool)
+    if bad.any():
+        raise ValueError(f"non-finite weights from {upstream!r} to {layer}:{channels[int(np.argmax(bad))]} "
+                         f"({int(bad.sum())} neuron(s)); check the model's parameters")
     scale = float(np.abs(W).max()) if W.size else 0.0
     if scale == 0.0:
         return {}
@@ -127,6 +229,95 @@ def connections_to(
     return result
 
 
+def _sections_of(found: dict[int, tuple[np.ndarray, str]], channels: Sequence[int], up: str, *, top_k: int,
+                 factor_threshold: float, n_factors: int) -> dict[int, NeuronConnections]:
+    """The sections from ``up`` of ``channels`` (those ``found`` reaches)."""
+    out: dict[int, NeuronConnections] = {}
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for c in channels:
+        if c in found:
+            by_shape.setdefault(found[c][0].shape, []).append(c)
+    for shape, chs in by_shape.items():
+        spatial_ok = [c for c in chs if distinct_positions(found[c][0]) > n_factors]
+        fac = _factor_or_flag(np.stack([found[c][0] for c in spatial_ok]), n_factors) if spatial_ok else None
+        row = {c: j for j, c in enumerate(spatial_ok)}
+        for c in chs:
+            w, kind = found[c]
+            k = min(top_k, w.shape[0])
+            order, norms = rank_inputs(w, k)
+            sec = NeuronConnections(
+                upstream=up, kind=kind, n_inputs=w.shape[0], channels=[int(x) for x in order],
+                slices=w[order], norms=norms[order], limit=symmetric_limit(w[order]),
+            )
+            if c not in row:
+                n_pos = distinct_positions(w)
+                if w.shape[1] * w.shape[2] == 1:
+                    sec.note = "1×1 kernel: no spatial structure to factor"
+                else:
+                    sec.note = (f"{w.shape[1]}×{w.shape[2]} weights with {n_pos} distinct position"
+                                f"{'s' if n_pos != 1 else ''} (e.g. through a pool): no spatial structure to factor")
+            else:
+                spatial, loadings, explained, rgb, errors = fac  # type: ignore[misc]
+                j = row[c]
+                if errors[j]:
+                    sec.warning = errors[j]
+                else:
+                    sec.explained = float(explained[j])
+                    sec.rgb = rgb[j]
+                    if sec.explained >= factor_threshold:
+                        forder, fdom = group_by_factor(norms, loadings[j], spatial[j], order)
+                        sec.channels = [int(x) for x in forder]
+                        sec.slices = w[forder]
+                        sec.norms = norms[forder]
+                        sec.factors = [int(x) for x in fdom]
+                        sec.by_factor = True
+            out[c] = sec
+    return out
+
+
+def layer_connections(
+    model: nn.Module,
+    layer: str,
+    channels: Sequence[int],
+    upstream: Sequence[str],
+    *,
+    top_k: int = 50,
+    factor_threshold: float = 0.8,
+    n_factors: int = 3,
+) -> LayerConnections:
+    """The sections of ``layer``'s neuron pages for ``channels`` and the L2 of every connection.
+
+    For each layer of ``upstream``: one connection computation for *all* of ``layer``'s
+    channels (:func:`connections_to`), whose L2 per ``(channel, input)`` goes into
+    :attr:`LayerConnections.norms` (the outgoing connections of the upstream neurons), and
+    for each of ``channels`` that it reaches the top-``top_k`` inputs by L2 with their
+    weight slices ``[k, kh, kw]``, the section's colour scale and ``n_factors`` NMF factors
+    (one batched NMF per kernel shape, only where the weights have more distinct positions
+    than factors). Cells are grouped by dominant factor (by L2 within a group) when the
+    factors explain at least ``factor_threshold`` of the weights, else ordered by L2.
+    """
+    channels = [int(c) for c in channels]
+    graph = layer_graph(model)
+    counts = channel_counts(model)
+    n_out = counts[layer]
+    result = LayerConnections(layer, {c: [] for c in channels})
+    for up in upstream:
+        found = connections_to(model, up, layer, range(n_out), graph)
+        norms = np.zeros((n_out, counts[up]))
+        sums = np.zeros((n_out, counts[up]))
+        for c, (w, _kind) in found.items():
+            norms[c] = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(1))
+            sums[c] = w.reshape(w.shape[0], -1).sum(1)
+        kinds = {kind for _w, kind in found.values()}
+        result.norms[up], result.sums[up] = norms, sums
+        result.kinds[up] = kinds.pop() if len(kinds) == 1 else "mixed"
+        secs = _sections_of(found, channels, up, top_k=top_k, factor_threshold=factor_threshold, n_factors=n_factors)
+        for c in channels:
+            if c in secs:
+                result.sections[c].append(secs[c])
+    return result
+
+
 def layer_sections(
     model: nn.Module,
     layer: str,
@@ -137,47 +328,51 @@ def layer_sections(
     factor_threshold: float = 0.8,
     n_factors: int = 3,
 ) -> dict[int, list[NeuronConnections]]:
-    """The weights/NMF sections of ``layer``'s neuron pages: ``{channel: [NeuronConnections, ...]}``.
+    """The weights/NMF sections of ``layer``'s neuron pages: ``{channel: [NeuronConnections, ...]}``
+    (:attr:`LayerConnections.sections` of :func:`layer_connections`). This is what the atlas
+    computes in its tables tasks and passes to :meth:`circuits.figures.pages.PageData.build`."""
+    return layer_connections(model, layer, channels, upstream, top_k=top_k, factor_threshold=factor_threshold,
+                             n_factors=n_factors).sections
 
-    For each of ``channels`` and each layer of ``upstream`` that reaches it (see
-    :func:`connections_to`), the top-``top_k`` inputs by L2 with their weight slices
-    ``[k, kh, kw]``, the section's colour scale and ``n_factors`` NMF factors (one batched NMF
-    per kernel shape); cells are ordered by factor when the factors explain at least
-    ``factor_threshold`` of the weights, else by L2. This is what the pages compute per
-    layer (:func:`circuits.figures.pages.compute_pages`); the atlas computes it in its tables
-    tasks and passes the stored result to :func:`circuits.figures.pages.assemble_pages`.
+
+def output_connections(model: nn.Module, from_layer: str, to_layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """Connections into a dense layer (e.g. the logits): ``(norms, sums)``, each ``[n_to, n_from]``.
+
+    ``∂ to_layer[o] / ∂ from_layer[i, y, x]`` of the linearised model
+    (:func:`circuits.expanded.linearized`; it does not depend on the input), reduced over the
+    positions ``(y, x)``: its L2 and its signed sum (the effect of a unit activation at every
+    position; for a global average pool followed by a linear layer, the layer's weight).
+
+    Raises:
+        ValueError: ``to_layer`` has a spatial grid (use :func:`connections_to`), or the
+            result is not finite.
     """
-    channels = [int(c) for c in channels]
-    out: dict[int, list[NeuronConnections]] = {c: [] for c in channels}
-    graph = layer_graph(model)
-    for up in upstream:
-        found = connections_to(model, up, layer, channels, graph)
-        # factor neurons that share a kernel shape together (one batched NMF per shape)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for c, (w, _) in found.items():
-            by_shape.setdefault(w.shape, []).append(c)
-        for shape, chs in by_shape.items():
-            fac = _factor(np.stack([found[c][0] for c in chs]), n_factors)
-            for j, c in enumerate(chs):
-                w, kind = found[c]
-                k = min(top_k, w.shape[0])
-                order, norms = rank_inputs(w, k)
-                sec = NeuronConnections(
-                    upstream=up, kind=kind, n_inputs=w.shape[0], channels=[int(x) for x in order],
-                    slices=w[order], norms=norms[order], limit=symmetric_limit(w[order]),
-                )
-                if fac is None:
-                    sec.note = f"{w.shape[1]}×{w.shape[2]} kernel: no spatial structure to factor"
-                else:
-                    spatial, loadings, explained, rgb = fac
-                    sec.explained = float(explained[j])
-                    sec.rgb = rgb[j]
-                    if sec.explained >= factor_threshold:
-                        forder, fdom = factor_order(w, loadings[j], k, spatial[j])
-                        sec.channels = [int(x) for x in forder]
-                        sec.slices = w[forder]
-                        sec.norms = norms[forder]
-                        sec.factors = [int(x) for x in fdom]
-                        sec.by_factor = True
-                out[c].append(sec)
-    return out
+    from ..expanded import linearized
+    from ..layers import example_input, replace_activation, run_until
+    from ..layouts import get_layouts
+
+    layouts = get_layouts(model, [from_layer, to_layer])
+    lay_to, lay_from = layouts[to_layer], layouts[from_layer]
+    if lay_to.n_positions != 1:
+        raise ValueError(f"{to_layer!r} has a spatial grid ({lay_to}); its connections are kernels: use connections_to")
+    n = lay_to.channels
+    x = example_input(model, batch=n)
+    free: dict[str, torch.Tensor] = {}
+
+    def make_free(out: torch.Tensor) -> torch.Tensor:
+        free["t"] = torch.zeros_like(out).requires_grad_(True)
+        return free["t"]
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), replace_activation(model, from_layer, make_free), linearized(model):
+            out = lay_to.canonical(run_until(model, x, [to_layer])[to_layer])[:, :, 0, 0]
+            picked = out[torch.arange(n), torch.arange(n)]
+            (grad,) = torch.autograd.grad(picked.sum(), free["t"])
+    finally:
+        model.train(was_training)
+    g = lay_from.canonical(grad.detach()).double().flatten(2).cpu().numpy()  # [n_to, n_from, positions]
+    if not np.isfinite(g).all():
+        raise ValueError(f"non-finite connections from {from_layer!r} to {to_layer!r}")
+    return np.sqrt((g ** 2).sum(2)), g.sum(2)
