@@ -36,9 +36,10 @@ def site(model, tmp_path_factory) -> Path:
     try:
         out = tmp_path_factory.mktemp("site")
         index = build_pages(
-            model, ["mixed3a", "mixed3b"], out, neurons={"mixed3a": [40, 100], "mixed3b": [60, 120]},
+            model, ["mixed3a", "mixed3b", "mixed4a"], out,
+            neurons={"mixed3a": [40, 100], "mixed3b": [60, 120], "mixed4a": [0, 100]},
             top_k=6, render_kwargs={"steps": 4}, cache=tmp_path_factory.mktemp("fv"), dataset_size=64,
-            n_examples=4, progress=False,
+            n_examples=4, n_outgoing=6, progress=False,
         )
     finally:
         torch.set_num_threads(threads)
@@ -86,7 +87,7 @@ def test_precomputed_sections_are_used_as_given(model, tmp_path, monkeypatch):
     def no_compute(*args, **kwargs):
         raise AssertionError("layer_sections called although the sections were given")
 
-    monkeypatch.setattr(pages_module, "layer_sections", no_compute)
+    monkeypatch.setattr(pages_module, "layer_connections", no_compute)
     with pytest.warns(DeprecationWarning, match="compute_pages"):
         given = build_pages(model, ["mixed3a"], tmp_path / "b", precomputed={"mixed3a": secs}, **kw).parent
     files = sorted(str(p.relative_to(computed)) for p in computed.rglob("*") if p.is_file())
@@ -101,7 +102,7 @@ def test_precomputed_sections_are_used_as_given(model, tmp_path, monkeypatch):
                          dataset=None, sections={"mixed3a": secs}, progress=False)
     assert data.settings.render == {"steps": 1} and data.settings.top_k == 3
     joined = PageData.build(model, data.full, data.upstream, {("mixed3a", 40): secs[40]}, data.settings,
-                            images=data.images)
+                            images=data.images, vis_values=data.vis_values)
     for part, out in ((data, tmp_path / "d"), (joined, tmp_path / "e")):
         write_pages(part, out, progress=False)
         assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == files
@@ -111,17 +112,46 @@ def test_precomputed_sections_are_used_as_given(model, tmp_path, monkeypatch):
 
 def test_site_structure(site):
     index = (site / "index.html").read_text()
-    assert "http://" not in index and "https://" not in index and "<script" not in index
+    assert "http://" not in index and "https://" not in index and "<script src" not in index
     page = (site / "layers/mixed3b/60.html").read_text()
     # the 3x3-branch neuron: expanded weights from mixed3a, direct from its own bottleneck
     assert "mixed3a → mixed3b:60" in page and "expanded weights, 3×3" in page
     assert "mixed3b_3x3_bottleneck → mixed3b:60" in page and "direct weights, 3×3" in page
     assert "mixed3b_5x5_bottleneck → mixed3b:60" not in page
-    srcs = re.findall(r'(?:src|href)="([^"]+)"', page)
-    assert srcs and all(not s.startswith(("/", "http", "file:")) for s in srcs if not s.startswith("data:"))
-    for s in srcs:
-        if not s.startswith("data:"):
-            assert (site / "layers/mixed3b" / s).resolve().is_file(), s
+    # outgoing: mixed3b is the last paged layer before mixed4a, which shows it
+    assert "Outgoing → mixed4a" in page and "Incoming" in page
+    # mixed4a feeds the logits: its outgoing connections are the classes
+    assert "Outgoing → logits" in (site / "layers/mixed4a/100.html").read_text()
+    assert "Sandal" in (site / "layers/mixed4a/100.html").read_text() or "Sneaker" in (site / "layers/mixed4a/100.html").read_text()
+    # 1x1 and pool-blocked weights are bars, not heatmaps, and are not factored
+    pool = (site / "layers/mixed4a/0.html").read_text()
+    assert "class=\"bars\"" in pool and "NMF factors explain" not in pool.split("Incoming")[1]
+    for html_file in site.rglob("*.html"):
+        text = html_file.read_text()
+        for s in re.findall(r'(?:src|href)="([^"#]+)"', text):
+            if s.startswith("data:"):
+                continue
+            assert not s.startswith(("/", "http", "file:")), (html_file, s)
+            assert (html_file.parent / s).resolve().is_file(), (html_file, s)
+
+
+LABELS_OVERLAP = """() => {
+  const els = [...document.querySelectorAll('.label, h1, h2, h3, figcaption, .crumbs, nav.pn a, .exhead, .sectionhead span')];
+  const boxes = els.map(e => [e, e.getBoundingClientRect()]).filter(([e, r]) => r.width > 0 && r.height > 0);
+  const bad = [];
+  for (let i = 0; i < boxes.length; i++) {
+    const [a, ra] = boxes[i];
+    if (a.classList.contains('label') && a.scrollWidth > a.clientWidth + 1) bad.push('truncated: ' + a.textContent);
+    for (let j = i + 1; j < boxes.length; j++) {
+      const [b, rb] = boxes[j];
+      if (a.contains(b) || b.contains(a)) continue;
+      const w = Math.min(ra.right, rb.right) - Math.max(ra.left, rb.left);
+      const h = Math.min(ra.bottom, rb.bottom) - Math.max(ra.top, rb.top);
+      if (w > 0.5 && h > 0.5) bad.push(a.textContent.trim().slice(0, 30) + ' / ' + b.textContent.trim().slice(0, 30));
+    }
+  }
+  return [boxes.length, bad.slice(0, 10)];
+}"""
 
 
 def test_pages_in_chromium(site, tmp_path):
@@ -131,9 +161,14 @@ def test_pages_in_chromium(site, tmp_path):
     problems: list[str] = []
 
     def check_images(page) -> int:
-        broken = page.eval_on_selector_all("img", "imgs => imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
-        problems.extend(f"broken image {b}" for b in broken)
+        broken = page.eval_on_selector_all("img", "imgs => imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src.slice(0, 80))")
+        problems.extend(f"broken image {b} on {page.url}" for b in broken)
         return page.eval_on_selector_all("img", "imgs => imgs.length")
+
+    def check_labels(page) -> None:
+        n, bad = page.evaluate(LABELS_OVERLAP)
+        assert n >= 5, page.url
+        problems.extend(f"labels overlap on {page.url}: {b}" for b in bad)
 
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
@@ -145,15 +180,40 @@ def test_pages_in_chromium(site, tmp_path):
             page.goto((site / "index.html").as_uri(), wait_until="load")
             assert "neuron pages" in page.title()
             assert check_images(page) >= 4
+            check_labels(page)
 
-            # index → a neuron page
-            page.click('a[href="layers/mixed3b/60.html"]')
+            # the search box finds a neuron by a short name; Enter opens it
+            page.fill("#search", "3b:60")
+            results = page.locator("#results a")
+            assert results.count() >= 1 and results.first.inner_text().startswith("mixed3b:60")
+            page.press("#search", "Enter")
             page.wait_for_load_state("load")
             assert page.url.endswith("/layers/mixed3b/60.html")
             assert page.locator("h1").inner_text() == "mixed3b:60"
             n = check_images(page)
-            assert n >= 1 + 1 + 2 * 6  # visualization, examples, cells (image + weights) of a section
+            assert n >= 1 + 4 + 4 + 2 * 6  # visualization, top and negative crops, cells (image + weights) of a section
+            check_labels(page)
             page.screenshot(path=str(tmp_path / "neuron_page.png"), full_page=True)
+
+            # ... and by a substring of the layer name, from a neuron page (relative links two levels down)
+            page.fill("#search", "mixed4a:10")
+            assert page.locator("#results a").first.inner_text().startswith("mixed4a:100")
+            page.locator("#results a").first.click()
+            page.wait_for_load_state("load")
+            assert page.url.endswith("/layers/mixed4a/100.html")
+            check_images(page)
+            check_labels(page)
+
+            # previous/next (every page of the layer in channel order): the link, then the arrow key back
+            pages_3b = sorted(int(f.stem) for f in (site / "layers/mixed3b").glob("*.html") if f.stem.isdigit())
+            following = pages_3b[pages_3b.index(60) + 1]
+            page.goto((site / "layers/mixed3b/60.html").as_uri(), wait_until="load")
+            page.click('nav.pn a[rel="next"]')
+            page.wait_for_load_state("load")
+            assert page.url.endswith(f"/layers/mixed3b/{following}.html")
+            with page.expect_navigation():
+                page.keyboard.press("ArrowLeft")
+            assert page.url.endswith("/layers/mixed3b/60.html")
 
             # neuron page → an upstream neuron (the first cell of the mixed3a section)
             link = page.locator('.cell a[href^="../../layers/mixed3a/"]').first
@@ -163,9 +223,26 @@ def test_pages_in_chromium(site, tmp_path):
             assert page.url.endswith(href.replace("../../", "/"))
             assert page.locator("h1").inner_text().startswith("mixed3a:")
             check_images(page)
-            # ... whose page links back downstream to mixed3b:60
-            assert page.locator('a[href="../../layers/mixed3b/60.html"]').count() >= 1
+            check_labels(page)
+            assert page.locator("h2", has_text="Outgoing → mixed3b").count() == 1
             page.screenshot(path=str(tmp_path / "upstream_page.png"))
+
+            # bars (pool-blocked weights) and the logits
+            page.goto((site / "layers/mixed4a/0.html").as_uri(), wait_until="load")
+            assert page.locator(".bars .barrow").count() >= 6
+            check_images(page)
+            check_labels(page)
+
+            # a layer page: every neuron's variable name in a grid, by branch
+            page.goto((site / "layers/mixed3b/index.html").as_uri(), wait_until="load")
+            assert page.locator(".grid .thumb").count() == len(pages_3b) and page.locator(".grid .thumb.full").count() == 2
+            assert page.locator("h2", has_text="mixed3b_3x3 ").count() == 1
+            check_images(page)
+            check_labels(page)
+            page.goto((site / "layers/mixed3a/index.html").as_uri(), wait_until="load")
+            assert page.locator(".grid .thumb").count() >= 2 + 6
+            check_images(page)
+            check_labels(page)
         finally:
             browser.close()
     assert not problems, problems

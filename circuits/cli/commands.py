@@ -221,22 +221,24 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
-    from ..figures.pages import PageSettings, build_pages
+    from ..figures.pages import PageSettings, build_pages, default_neurons
+    from ..wiring import interesting_layers
 
     _layers_only(args.layers, "--layers")
     _layers_only(args.upstream, "--upstream")
     model = load_model(args)
+    layers = args.layers
     neurons: Any = args.per_layer
     if args.neurons:
         neurons = [t for spec in args.neurons for t in _split_targets(spec)]
-    layers = args.layers
+    elif neurons is None:
+        neurons = default_neurons(model, layers or interesting_layers(model))
     upstream = None
     if args.upstream:
-        from ..wiring import interesting_layers
-
         upstream = {layer: args.upstream for layer in (layers or interesting_layers(model))}
     out = check_writable(args.out)
     settings = PageSettings(top_k=args.top_k, factor_threshold=args.factor_threshold, dataset_size=args.dataset_size,
+                            n_examples=args.examples, n_outgoing=args.outgoing,
                             dataset=None if args.no_dataset else "auto", render={k: v for k, v in _render(args).items() if k != "progress"})
     index = build_pages(model, layers, out, settings, neurons=neurons, upstream=upstream, cache=_cache(args),
                         progress=_progress(args))

@@ -125,15 +125,19 @@ def render_options(p: argparse.ArgumentParser, steps: int) -> None:
 def _explore(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explore", help=COMMANDS["explore"], description=COMMANDS["explore"])
     p.add_argument("--layers", nargs="+", default=None, help="layers to page (default: mixed3a mixed3b mixed4a, or evenly spread blocks)")
-    p.add_argument("--per-layer", type=positive_int, default=3, help="neurons per layer, evenly spread over the branches (default: %(default)s)")
+    p.add_argument("--per-layer", type=positive_int, default=None,
+                   help="neurons per layer, evenly spread over the branches (default: every neuron when the paged layers "
+                        "have at most 1000 channels in total, as in the bundled model; else 16 per layer)")
     p.add_argument("--neurons", nargs="+", default=None, help="exact neurons instead, e.g. mixed3b:60 mixed4a:12")
     p.add_argument("--upstream", nargs="+", default=None, help="upstream layers for every paged layer (default: previous block + bottlenecks)")
-    p.add_argument("--top-k", type=positive_int, default=50, help="connections shown per upstream layer (default: %(default)s)")
+    p.add_argument("--top-k", type=positive_int, default=50, help="incoming connections shown per upstream layer (default: %(default)s)")
+    p.add_argument("--outgoing", type=positive_int, default=16, help="outgoing connections shown per downstream layer (default: %(default)s)")
     p.add_argument("--factor-threshold", type=fraction, default=0.8,
-                   help="order by NMF factor when 3 factors explain at least this much (default: %(default)s)")
-    p.add_argument("--dataset-size", type=positive_int, default=1000, help="Fashion-MNIST test images scanned for dataset examples (default: %(default)s)")
+                   help="group by NMF factor when 3 factors explain at least this much (default: %(default)s)")
+    p.add_argument("--dataset-size", type=positive_int, default=2000, help="Fashion-MNIST test images scanned for dataset examples (default: %(default)s)")
+    p.add_argument("--examples", type=positive_int, default=8, help="dataset examples per neuron, top and most negative each (default: %(default)s)")
     p.add_argument("--no-dataset", action="store_true", help="no dataset examples")
-    render_options(p, steps=48)
+    render_options(p, steps=256)
     model_options(p, "folder for the site (default: ./circuits-pages)", "circuits-pages")
 
 
