@@ -19,7 +19,8 @@ operation replaced by a stand-in, without touching the model. What each op becom
   input** (below): normalisations whose statistics come from the input (layer norm, group
   norm, instance norm, RMS norm, ``F.normalize``, batch norm in training mode),
   multiplicative gates (``sigmoid``, ``hardsigmoid``: squeeze-excitation's
-  ``x * sigmoid(f(x))``) and attention (``softmax``, ``scaled_dot_product_attention``).
+  ``x * sigmoid(f(x))``) and attention (``softmax``, ``scaled_dot_product_attention``,
+  ``nn.MultiheadAttention``).
   Other nonlinear ops (tanh, clamp, products of two activations, ...) are refused.
 * ``"article"``: the article's rule only (ReLU → identity, max pool → average pool,
   LRN → identity); anything else raises :class:`UnsupportedNonlinearityError`.
@@ -49,7 +50,8 @@ frozen normalisation is ``(x − mean_ref) · (var_ref + eps)^-½ · weight + bi
 affine part stays live; the mean is frozen too, so the frozen op is a multiplication by a
 constant, connections stay local for group/instance norm and the per-channel copies in the
 batch stay independent), a frozen gate or softmax is its recorded output (no gradient
-flows into it), frozen attention is ``pattern_ref @ V`` (the value path stays live).
+flows into it), frozen attention is ``pattern_ref @ V`` (the value path stays live; for
+``nn.MultiheadAttention`` ``out_proj(pattern_ref @ V)`` with ``V`` its value projection).
 Recorded values are matched to the linearised pass by **call order per module**: the
 ``k``-th call of op ``o`` whose innermost module is ``m`` in one forward pass (functional
 calls inside ``forward`` and module calls alike; a module called several times gets
@@ -164,14 +166,14 @@ _ELEMENTWISE_OPS = (
     "rsqrt", "abs", "sign", "erf", "square", "reciprocal", "clamp", "clamp_min", "clamp_max", "clip",
 )
 _SOFTMAX = ("softmax", "log_softmax", "softmin")
-_ATTENTION = ("scaled_dot_product_attention",)
+_ATTENTION = ("scaled_dot_product_attention", "multi_head_attention_forward")
 _NORMS = ("layer_norm", "group_norm", "instance_norm", "rms_norm", "batch_norm", "normalize")
 _MAX_POOLS = tuple(f"max_pool{d}d" for d in (1, 2, 3)) + tuple(f"adaptive_max_pool{d}d" for d in (1, 2, 3))
 _LRN_OPS = ("local_response_norm",)
 _OTHER = (
     "pow", "maximum", "minimum", "fmax", "fmin", "max", "min", "amax", "amin", "logsumexp", "norm", "sort",
     "topk", "glu", "max_unpool1d", "max_unpool2d", "max_unpool3d", "lp_pool1d", "lp_pool2d", "lp_pool3d",
-    "fractional_max_pool2d", "fractional_max_pool3d", "multi_head_attention_forward",
+    "fractional_max_pool2d", "fractional_max_pool3d",
 )
 _FAMILIES: tuple[tuple[tuple[str, ...], tuple[str, ...], str, str], ...] = (
     (_RELU_LIKE, ("identity", "freeze", "keep", "error"), "identity", "error"),
@@ -185,7 +187,6 @@ _FAMILIES: tuple[tuple[tuple[str, ...], tuple[str, ...], str, str], ...] = (
     (_OTHER, ("freeze", "keep", "error"), "error", "error"),
 )
 _ALLOWED = {op: allowed for ops, allowed, _, _ in _FAMILIES for op in ops}
-_ALLOWED["multi_head_attention_forward"] = ("keep", "error")  # token models: a later step
 _DEFAULT_RULES = {op: default for ops, _, default, _ in _FAMILIES for op in ops}
 _ARTICLE_RULES = {op: article for ops, _, _, article in _FAMILIES for op in ops}
 _ARTICLE_RULES["relu"] = "identity"
@@ -200,8 +201,7 @@ def _raw_names() -> dict[str, str]:
     for op in _MAX_POOLS:
         out[op + "_with_indices"] = op
     out["__pow__"] = out["__ipow__"] = "pow"
-    out["concat"] = out["concatenate"] = ""  # not ops of a family; listed so they are never mistaken
-    return {k: v for k, v in out.items() if v}
+    return out
 
 
 _CANONICAL = _raw_names()
@@ -228,6 +228,12 @@ _NORM_PARAMS = {
     "normalize": ("input", "p", "dim", "eps", "out"),
 }
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_MHA_PARAMS = (
+    "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
+    "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training", "key_padding_mask",
+    "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+    "static_k", "static_v", "average_attn_weights", "is_causal",
+)
 
 
 def _bind(names: Sequence[str], args: tuple, kwargs: dict) -> dict:
@@ -256,6 +262,14 @@ def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     if not tensors:
         raise TypeError("the op has no tensor input")
     return tensors[0]
+
+
+def _split_batch(op: str, x: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """``(batch size, shape without the batch dim)`` of an op's first input: nn.MultiheadAttention
+    hands ``F.multi_head_attention_forward`` sequence-first ``[L, B, E]`` (or unbatched ``[L, E]``)."""
+    if op == "multi_head_attention_forward":
+        return (x.shape[1], (x.shape[0], *x.shape[2:])) if x.dim() == 3 else (1, tuple(x.shape))
+    return x.shape[0], tuple(x.shape[1:])
 
 
 def _data_dependent(op: str, args: tuple, kwargs: dict) -> bool:
@@ -648,13 +662,59 @@ def _attention_pattern(b: dict) -> torch.Tensor:
     return logits.softmax(-1)
 
 
+def _mha_pattern(func: Callable, b: dict) -> torch.Tensor:
+    """Per-head attention weights ``[B, heads, L, S]`` (``[heads, L, S]`` unbatched) of
+    ``F.multi_head_attention_forward``, asked of the function itself."""
+    _, weights = func(**{**b, "need_weights": True, "average_attn_weights": False})
+    return weights.detach()
+
+
+def _frozen_mha(b: dict, pattern: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``F.multi_head_attention_forward`` with a frozen pattern: ``out_proj(pattern @ V)``, the
+    value projection and the output projection live."""
+    for name in ("bias_v", "static_v"):
+        if b.get(name) is not None:
+            raise UnsupportedNonlinearityError(f"cannot freeze attention with {name} (nn.MultiheadAttention(add_bias_kv=True) or static values)")
+    if b.get("add_zero_attn", False):
+        raise UnsupportedNonlinearityError("cannot freeze attention with add_zero_attn=True")
+    value, dim, heads = b["value"], int(b["embed_dim_to_check"]), int(b["num_heads"])
+    unbatched = value.dim() == 2
+    if unbatched:
+        value, pattern = value.unsqueeze(1), pattern.unsqueeze(0)
+    if b.get("use_separate_proj_weight", False):
+        w_v = b["v_proj_weight"]
+    else:
+        w_v = b["in_proj_weight"][2 * dim : 3 * dim]
+    bias = b.get("in_proj_bias")
+    v = F.linear(value, w_v, None if bias is None else bias[2 * dim : 3 * dim])  # [S, B, E]
+    length, batch = v.shape[:2]
+    v = v.reshape(length, batch, heads, dim // heads).permute(1, 2, 0, 3)  # [B, heads, S, d]
+    out = pattern.to(v.dtype) @ v  # [B, heads, L, d]
+    out = out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], dim)
+    out = F.linear(out, b["out_proj_weight"], b.get("out_proj_bias"))
+    weights = None
+    if b.get("need_weights", True):
+        weights = pattern.mean(1) if b.get("average_attn_weights", True) else pattern
+        weights = weights[0] if unbatched else weights
+    return (out.squeeze(1) if unbatched else out), weights
+
+
 def _record_op(op: str, func: Callable, args: tuple, kwargs: dict) -> tuple[object, _Entry]:
     """Run ``op`` as the original model does and record what freezing it needs."""
     x = _first_input(args, kwargs)
-    in_shape = tuple(x.shape[1:])
+    in_shape = _split_batch(op, x)[1]
     if op in _NORMS:
         stats, batched = _norm_statistics(op, _bind(_NORM_PARAMS[op], args, kwargs))
         return func(*args, **kwargs), _Entry(op, "statistics", stats, batched, in_shape)
+    if op == "multi_head_attention_forward":
+        b = _bind(_MHA_PARAMS, args, kwargs)
+        if b.get("training", True) and float(b.get("dropout_p", 0.0) or 0.0) > 0:
+            raise UnsupportedNonlinearityError(
+                "cannot freeze multi_head_attention_forward() with dropout in training mode: call model.eval() first"
+            )
+        pattern = _mha_pattern(func, b)
+        entry = _Entry(op, "attention pattern", {"pattern": pattern}, x.dim() == 3, in_shape)
+        return func(*args, **kwargs), entry
     if op in _ATTENTION:
         b = _bind(_SDPA_PARAMS, args, kwargs)
         if float(b.get("dropout_p", 0.0) or 0.0) > 0:
@@ -926,22 +986,25 @@ class _LinearizeMode(_PolicyMode):
                 f"frozen values do not match this forward pass: call #{key[2]} of {op}(){self._where()} did not "
                 "happen on the reference pass (does the model's forward depend on its input?)"
             )
-        if tuple(x.shape[1:]) != entry.in_shape:
+        batch, shape = _split_batch(op, x)
+        if shape != entry.in_shape:
             raise ValueError(
                 f"frozen values do not match this forward pass: {op}(){self._where()} gets input "
-                f"{tuple(x.shape[1:])} (batch excluded) but {entry.in_shape} on the reference pass; use "
+                f"{shape} (batch excluded) but {entry.in_shape} on the reference pass; use "
                 "an input of the reference's size"
             )
         if entry.batched:
             n = next(iter(entry.values.values())).shape[0]
-            if n != 1 and n != x.shape[0]:
+            if n != 1 and n != batch:
                 raise ValueError(
                     f"frozen values were recorded for {n} reference images but {op}(){self._where()} runs on a "
-                    f"batch of {x.shape[0]}: use a batch of {n} or a single reference image"
+                    f"batch of {batch}: use a batch of {n} or a single reference image"
                 )
         self.replayed.setdefault(key, FrozenOp(key[0], op, key[2], entry.kind))
         if entry.kind == "statistics":
             return _frozen_norm(op, _bind(_NORM_PARAMS[op], args, kwargs), entry.values)
+        if op == "multi_head_attention_forward":
+            return _frozen_mha(_bind(_MHA_PARAMS, args, kwargs), entry.values["pattern"])
         if entry.kind == "attention pattern":
             _, v = _attention_inputs(_bind(_SDPA_PARAMS, args, kwargs))
             return entry.values["pattern"].to(v.dtype) @ v
@@ -949,7 +1012,9 @@ class _LinearizeMode(_PolicyMode):
         self._constant_output = True
         if _is_inplace(op, name, args, kwargs):
             try:
-                return x.copy_(const)
+                x.copy_(const)
+                self._derived.pop(id(x), None)  # it holds the constant now
+                return x
             except RuntimeError:  # e.g. a leaf that requires grad: no in-place, the value is what counts
                 pass
         return const.expand(x.shape[0], *const.shape[1:]) if const.shape[0] == 1 else const
@@ -1147,7 +1212,22 @@ _MAP_LAYOUT = _Layout("[batch, channels, h, w]", lambda t: t, False)
 _DENSE_LAYOUT = _Layout("[batch, features]", lambda t: t[:, :, None, None], True)
 
 
-def _layout_of(layer: str, t: torch.Tensor, role: str) -> _Layout:
+def _channels_last(module: nn.Module, t: torch.Tensor) -> bool:
+    """A 4-D activation whose features are on the last axis, recognisable from its module alone
+    (a Linear or LayerNorm applied to a channels-last view, a permute to channels last)."""
+    if isinstance(module, nn.Linear):
+        return True
+    if type(module) is nn.LayerNorm:
+        return tuple(module.normalized_shape) == (t.shape[-1],)
+    return list(getattr(module, "dims", [])) == [0, 2, 3, 1]  # torchvision.ops.Permute
+
+
+def _layout_of(layer: str, t: torch.Tensor, role: str, module: Optional[nn.Module] = None) -> _Layout:
+    if t.dim() == 4 and module is not None and _channels_last(module, t):
+        raise ValueError(
+            f"{role} {layer!r} is channels-last [batch, h, w, channels] (activation shape {tuple(t.shape)}); "
+            "expanded weights read [batch, channels, h, w]: pick the enclosing block's output instead"
+        )
     if t.dim() == 4:
         return _MAP_LAYOUT
     if t.dim() == 2:
@@ -1188,7 +1268,7 @@ def _run_linear(
                 f"module {from_layer!r} runs more than once in one forward pass, so its output is not "
                 "a single layer; pick a module that runs once"
             )
-        state["layout"] = _layout_of(from_layer, out, "from_layer")
+        state["layout"] = _layout_of(from_layer, out, "from_layer", get_layer(model, from_layer))
         state["free"] = make_free(out)
         mode.mark_derived(state["free"])
         mode.active = True
@@ -1203,7 +1283,7 @@ def _run_linear(
             f"computes {to_layer!r} before {from_layer!r} runs"
         )
     out = acts[to_layer]
-    layout = _layout_of(to_layer, out, "to_layer")
+    layout = _layout_of(to_layer, out, "to_layer", get_layer(model, to_layer))
     return _Run(state["free"], layout.to_nchw(out), state["layout"], layout.dense, tuple(mode.replayed.values()))
 
 
@@ -1380,7 +1460,8 @@ def _plan(
     if not first.dense and (by0 == 0 or bx0 == 0 or by1 == h1 or bx1 == w1):
         warnings.warn(
             f"the receptive field of {to_layer!r}'s centre neuron reaches the border of {from_layer!r} "
-            f"at input size {h}x{w}; the expanded weights are clipped there (pass a larger input_shape)",
+            f"at input size {h}x{w}; the expanded weights are clipped there (pass a larger input_shape"
+            + (", or a larger reference: ops on the path are frozen at the reference's size)" if frozen else ")"),
             stacklevel=5,
         )
     pattern = _crop(ref, by0 + oy, bx0 + ox, kh, kw)

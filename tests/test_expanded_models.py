@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
-from circuits.expanded import Reference, connection_weights, expanded_weights
+from circuits.expanded import connection_weights, expanded_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,6 +215,8 @@ def test_dense_heads_cover_the_whole_map():
     E = expanded_weights(mobile, "features.12", "classifier.3", channels=[0, 7], input_shape=(3, SIZE, SIZE))
     w = (mobile.classifier[3].weight @ mobile.classifier[0].weight).detach()[[0, 7]]
     _assert_close(E, w[:, :, None, None].expand(-1, -1, 2, 2) / 4)
+    dense = expanded_weights(mobile, "classifier.0", "classifier.3", channels=[0, 7], input_shape=(3, SIZE, SIZE))
+    _assert_close(dense, mobile.classifier[3].weight.detach()[[0, 7], :, None, None])  # [out, in, 1, 1]
 
 
 def test_convnext_head_freezes_layernorm2d_statistics():
@@ -233,3 +235,10 @@ def test_convnext_head_freezes_layernorm2d_statistics():
     per_image = fc.weight.detach()[[3, 999]][None] * ln.weight.detach() * rstd[:, None, :]  # [R, 2, 768]
     _assert_close(conn.weights, (per_image.mean(0) / 4)[:, :, None, None].expand(-1, -1, 2, 2))
     assert conn.weights.shape == (2, 768, 2, 2)
+
+
+def test_channels_last_layers_are_refused_not_misread():
+    model = _model("convnext_tiny")
+    for inner in ("features.1.0.block.1", "features.1.0.block.2", "features.1.0.block.3"):  # Permute, LayerNorm, Linear
+        with pytest.raises(ValueError, match=rf"'{inner}' is channels-last \[batch, h, w, channels\]"):
+            expanded_weights(model, "features.0", inner, input_shape=(3, SIZE, SIZE))

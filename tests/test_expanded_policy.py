@@ -191,6 +191,50 @@ def test_attention_patterns_frozen_value_path_live():
     assert [f.frozen for f in conn.frozen] == ["attention pattern", "output"]
 
 
+class MHAttend(nn.Module):
+    """nn.MultiheadAttention (batch first, 2 heads) over the positions of a conv map."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        o, _ = self.attn(t, t, t, need_weights=False)
+        return self.b((t + o).transpose(1, 2).reshape(n, c, h, w))
+
+
+def test_multihead_attention_module_frozen_pattern():
+    torch.manual_seed(5)
+    model = MHAttend().eval()
+    refs = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        t = model.a(refs).flatten(2).transpose(1, 2)
+        _, pattern = model.attn(t, t, t, need_weights=True, average_attn_weights=False)  # [2, 2, 16, 16]
+    w_v, b_v = model.attn.in_proj_weight[16:], model.attn.in_proj_bias[16:]
+
+    def by_hand(r):
+        def f(z):
+            t = z.flatten(2).transpose(1, 2)
+            v = (t @ w_v.T + b_v).reshape(1, 16, 2, 4).transpose(1, 2)
+            o = (pattern[r : r + 1] @ v).transpose(1, 2).reshape(1, 16, 8)
+            o = model.attn.out_proj(o)
+            return model.b((t + o).transpose(1, 2).reshape(1, 8, 4, 4))
+
+        return f
+
+    conn = connection_weights(model, "a", "b", reference=refs)
+    hand = torch.stack([_jacobian(by_hand(r), torch.zeros(1, 8, 4, 4), 4) for r in range(2)]).mean(0)
+    _assert_close(conn.weights, _support(hand))
+    assert [str(f) for f in conn.frozen] == ["attn: multi_head_attention_forward()#0 attention pattern"]
+    with pytest.raises(UnsupportedNonlinearityError, match="not linear"):
+        expanded_weights(model, "a", "b", input_shape=(3, 4, 4), policy={nn.MultiheadAttention: "keep"})
+
+
 # ----------------------------------------------------------------------------- statistics
 
 
