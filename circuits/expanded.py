@@ -80,14 +80,18 @@ by a free tensor (:func:`circuits.layers.replace_activation`) holding **one copy
 channel in the batch dimension**; the forward pass runs only as far as ``to_layer``
 (:func:`circuits.layers.run_until`); the sum over copies of each copy's *own* channel at the
 centre is back-propagated **once**. Everything before ``from_layer`` runs on a single image
-(the batch is only expanded at ``from_layer``). When nothing is frozen, the model input is
-as small as possible: starting from the model's input size (``input_shape``), we search
-the smallest input size whose result at the centre neuron is identical to the full-size
-result, i.e. whose ``from_layer`` map holds the whole receptive field of the centre neuron
-and whose borders (zero padding, average-pool divisors) do not reach the paths into it.
-When something is frozen the search is off: frozen values belong to the reference at its
-own size, which is the size used. The chosen geometry is cached per model (weakly), keyed
-by the layers, size, crop, policy and reference. Once the path has been checked to be
+(the batch is only expanded at ``from_layer``). The model input is as small as possible:
+starting from the model's input size (``input_shape``; with frozen ops the reference's
+size), we search the smallest input size whose result at the centre neuron is identical to
+the full-size result, i.e. whose ``from_layer`` map holds the whole receptive field of the
+centre neuron and whose borders (zero padding, average-pool divisors) do not reach the
+paths into it. Frozen values recorded at the reference's size are replayed at the smaller
+sizes only when they are one value per channel (gates after global pooling, group /
+instance / batch norm statistics: the frozen op is then the same per-channel affine map at
+any size); values that vary with the position (layer norm over the channels at each
+position, softmax and attention patterns) keep the reference's size. The chosen geometry
+is cached per model (weakly), keyed by the layers, size, crop, policy, reference and the
+modules' train/eval flags. Once the path has been checked to be
 linear, convolutions of tensors derived from the free tensor skip their forward arithmetic
 (values do not enter the gradient of a linear map; only the input gradient is computed);
 when all output channels are requested, the result is cross-checked against the planning
@@ -114,6 +118,7 @@ those neurons.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import math
@@ -562,6 +567,16 @@ class _Entry(NamedTuple):
     batched: bool  # values have the reference batch as dim 0 (else shared by all examples)
     in_shape: tuple[int, ...]  # the op's first input, batch excluded
 
+    @property
+    def size_free(self) -> bool:
+        """One value per channel (or group): a gate after global pooling, group/instance/batch
+        norm statistics. Replayed at another input size, the frozen op is the same per-channel
+        affine map, so such values allow the input-size search."""
+        if self.kind == "attention pattern":
+            return False
+        skip = 2 if self.batched else 1  # (batch,) channel
+        return all(all(d == 1 for d in v.shape[skip:]) for v in self.values.values())
+
 
 _Key = tuple[str, str, int]  # (module, op, call)
 
@@ -571,6 +586,9 @@ class _Recording:
 
     def __init__(self, entries: dict[_Key, _Entry], n: int):
         self.entries, self.n = entries, n
+
+    def size_free(self, ops: Iterable[FrozenOp]) -> bool:
+        return all(self.entries[(f.module, f.op, f.call)].size_free for f in ops)
 
     def select(self, r: int) -> "_Recording":
         """The values of reference image ``r`` alone (batch 1, broadcast over any batch)."""
@@ -987,7 +1005,8 @@ class _LinearizeMode(_PolicyMode):
                 "happen on the reference pass (does the model's forward depend on its input?)"
             )
         batch, shape = _split_batch(op, x)
-        if shape != entry.in_shape:
+        other_size = entry.size_free and len(shape) == len(entry.in_shape) and shape[:1] == entry.in_shape[:1]
+        if shape != entry.in_shape and not other_size:
             raise ValueError(
                 f"frozen values do not match this forward pass: {op}(){self._where()} gets input "
                 f"{shape} (batch excluded) but {entry.in_shape} on the reference pass; use "
@@ -1431,8 +1450,8 @@ def _plan(
     reference_key: str | None = None,
 ) -> _Geometry:
     """Where to compute (input size, centre, window), checked linear; cached. With ``frozen``
-    values (one set per reference image) the probes are averaged over the references and the
-    size search is off (the values belong to the reference's size). Raises
+    values (one set per reference image) the probe pattern is the mean over the references,
+    and the size search runs only when every frozen value is one per channel. Raises
     :class:`_NeedsReference` when a frozen op is on the path and ``frozen`` is ``None``."""
     c, h, w = shape
     crop_hw = _normalise_crop(crop)
@@ -1442,8 +1461,12 @@ def _plan(
         return cache[key]
 
     refs = [None] if frozen is None else [frozen.select(r) for r in range(frozen.n)]
-    probes = [_probe(model, from_layer, to_layer, (h, w), c, policy, f) for f in refs]
-    first = probes[0]
+    first = _probe(model, from_layer, to_layer, (h, w), c, policy, refs[0])
+    # The size search needs a map that does not depend on the input size: nothing frozen, or
+    # only values per channel (SE gates, group/instance/batch norm statistics). It compares
+    # reference image 0 only: the others replay the same ops with other constants.
+    search = not first.dense and (frozen is None or frozen.size_free(first.frozen_ops))
+    probes = [first] if search else [first] + [_probe(model, from_layer, to_layer, (h, w), c, policy, f) for f in refs[1:]]
     grads = torch.stack([p.grad for p in probes])
     ref = grads.mean(0) if len(probes) > 1 else grads[0]
     h1, w1 = ref.shape[-2:]
@@ -1471,13 +1494,13 @@ def _plan(
         first.dense, first.frozen_ops,
     )
     accepted = first.grad
-    if frozen is None and not first.dense:
+    if search:
         # start the search where the from_layer map is about as large as the footprint
         need, ratio = max(bh, kh), h1 / h
         candidates = [hw for hw in _candidate_sizes(h, w) if hw[0] * ratio >= need - 2]
         for hw in candidates:
             try:
-                p = _probe(model, from_layer, to_layer, hw, c, policy)
+                p = _probe(model, from_layer, to_layer, hw, c, policy, refs[0])
             except UnsupportedNonlinearityError:
                 raise
             except (RuntimeError, ValueError):  # too small for some layer on the way
@@ -1487,9 +1510,16 @@ def _plan(
                 continue
             window = (b[0] + oy, b[2] + ox, kh, kw)
             if float((_crop(p.grad, *window) - pattern).abs().max()) <= tol:
-                geometry = _Geometry(hw, p.position, window, (bh, bw), (oy, ox), p.to_shape, c, _crop(p.grad, *window))
+                geometry = _Geometry(
+                    hw, p.position, window, (bh, bw), (oy, ox), p.to_shape, c, _crop(p.grad, *window), False,
+                    first.frozen_ops,
+                )
                 accepted = p.grad
                 break
+        if len(refs) > 1:  # the probe of the result (checked after computing it): mean over the references
+            others = [_probe(model, from_layer, to_layer, geometry.hw, c, policy, f).grad for f in refs[1:]]
+            mixed = torch.stack([geometry.pattern] + [_crop(g, *geometry.window) for g in others]).mean(0)
+            geometry = dataclasses.replace(geometry, pattern=mixed)
     # linearity: the gradient must not depend on the free tensor's value (random above, zeros here)
     g0 = _probe(model, from_layer, to_layer, geometry.hw, c, policy, refs[0], value_seed=None).grad
     if float((g0 - accepted).abs().max()) > _TOLERANCE * float(g0.abs().max()) + 1e-12:
@@ -1677,10 +1707,9 @@ def expanded_weights(
     All output channels are computed in one backward pass per ``batch_size`` chunk (default:
     all at once) and reference image: ``from_layer``'s activation is replaced by a zero
     tensor with one copy per output channel in the batch, the forward stops at ``to_layer``,
-    and the sum of each copy's own centre output is back-propagated once. With nothing
-    frozen, the input size is the smallest that gives the same result as ``input_shape``
-    (``(C, H, W)``, default the model's ``input_shape``); with frozen ops it is the
-    reference's size (see the module docs).
+    and the sum of each copy's own centre output is back-propagated once. The input size is
+    the smallest that gives the same result as ``input_shape`` (``(C, H, W)``, default the
+    model's ``input_shape``) or, with frozen ops, as the reference's size (see the module docs).
 
     Memory is about ``batch_size`` × the activations between the two layers at that size;
     ``progress=True`` shows a tqdm bar over the chunks.
