@@ -134,6 +134,8 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .layers import centre, check_channel, get_layer, parse_target, replace_activation, run_until
+from .models import device_and_dtype
+from .wiring import adjacent_conv, layer_graph
 
 __all__ = [
     "UnsupportedNonlinearityError",
@@ -1191,7 +1193,7 @@ def linearized(
     pol = LinearisationPolicy.of(policy, lrn=lrn)
     frozen = None
     if reference is not None:
-        dtype, device = _model_dtype_device(model)
+        device, dtype = device_and_dtype(model)
         ref = _as_reference(model, reference, _reference_shape(model, None))
         frozen = _record(model, ref.images.to(device=device, dtype=dtype), pol)
     mode = _LinearizeMode(pol, frozen=frozen)
@@ -1200,11 +1202,6 @@ def linearized(
 
 
 # --------------------------------------------------------------------------- geometry
-
-
-def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
 
 
 def _reference_shape(model: nn.Module, input_shape: Optional[Sequence[int]]) -> tuple[int, int, int]:
@@ -1346,7 +1343,7 @@ def _probe(
     """Gradient ``[C1, h1, w1]`` of a fixed random mix of all to_layer channels at ``position``
     (default: the centre) w.r.t. the from_layer activation (random with ``value_seed``, zeros
     with ``None``), batch 1; also the position used and the to_layer shape."""
-    dtype, device = _model_dtype_device(model)
+    device, dtype = device_and_dtype(model)
     x = torch.zeros((1, channels_in, *hw), dtype=dtype, device=device)
 
     def make_free(out: torch.Tensor) -> torch.Tensor:
@@ -1568,7 +1565,7 @@ def _plan_for(
             f"the reference images are {ref.shape} but input_shape is {shape}: frozen values belong to the "
             "reference's size, so leave input_shape out or pass a reference of that size"
         )
-    dtype, device = _model_dtype_device(model)
+    device, dtype = device_and_dtype(model)
     frozen = _record(model, ref.images.to(device=device, dtype=dtype), pol, from_layer, to_layer)
     return _Plan(_plan(model, from_layer, to_layer, ref.shape, crop, pol, frozen, ref.key), pol, frozen, ref)
 
@@ -1618,7 +1615,7 @@ def _expanded(
         batch_size = len(chans)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dtype, device = _model_dtype_device(model)
+    device, dtype = device_and_dtype(model)
     x = torch.zeros((1, geo.from_channels, *geo.hw), dtype=dtype, device=device)
     y, xpos = geo.centre
     wy0, wx0, kh, kw = geo.window
@@ -1758,60 +1755,6 @@ class Connection:
     reference: Optional[Reference] = None
 
 
-_ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity,
-)
-
-
-def _direct_conv(
-    model: nn.Module, from_layer: str, to_layer: str, input_shape: tuple[int, int, int]
-) -> nn.Conv2d | None:
-    """The conv whose input *is* from_layer's output and whose output is to_layer (itself,
-    or through one elementwise activation module), traced with forward hooks; else None."""
-    from_module, to_module = get_layer(model, from_layer), get_layer(model, to_layer)
-    seen: dict[str, object] = {}
-    conv_calls: list[tuple[nn.Module, object, object]] = []
-    to_inputs: list[object] = []
-    handles = []
-
-    def from_hook(_m: nn.Module, _i: tuple, out: object) -> None:
-        seen.setdefault("from", out)
-
-    def conv_hook(m: nn.Module, inputs: tuple, out: object) -> None:
-        conv_calls.append((m, inputs[0] if inputs else None, out))
-
-    def to_pre_hook(_m: nn.Module, inputs: tuple) -> None:
-        to_inputs.append(inputs[0] if inputs else None)
-
-    dtype, device = _model_dtype_device(model)
-    try:
-        handles.append(from_module.register_forward_hook(from_hook))
-        handles.append(to_module.register_forward_pre_hook(to_pre_hook))
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                handles.append(m.register_forward_hook(conv_hook))
-        with torch.no_grad():
-            run_until(model, torch.zeros((1, *input_shape), dtype=dtype, device=device), [from_layer, to_layer])
-    except RuntimeError:  # a layer that never runs: let expanded_weights explain
-        return None
-    finally:
-        for h in handles:
-            h.remove()
-    source = seen.get("from")
-    if source is None or len(to_inputs) != 1:
-        return None
-
-    def simple(conv: nn.Module) -> bool:
-        return isinstance(conv, nn.Conv2d) and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
-
-    if simple(to_module):
-        return to_module if to_inputs[0] is source else None  # type: ignore[return-value]
-    if isinstance(to_module, _ELEMENTWISE):
-        for conv, conv_in, conv_out in conv_calls:
-            if conv_out is to_inputs[0] and conv_in is source and simple(conv):
-                return conv  # type: ignore[return-value]
-    return None
 
 
 def connection_weights(
@@ -1849,7 +1792,7 @@ def connection_weights(
     if from_layer == to_layer:
         raise ValueError(f"from_layer and to_layer are the same layer {from_layer!r}")
     with _preserved_buffers(model):  # the tracing pass must not move training-mode batch-norm statistics
-        conv = _direct_conv(model, from_layer, to_layer, ref_shape)
+        conv = adjacent_conv(model, from_layer, to_layer, layer_graph(model, ref_shape))
     chan_tuple = None if channels is None else tuple(_as_int_list(channels))
     if conv is not None:
         chans = _channel_list(to_layer, channels, conv.out_channels)
@@ -1905,7 +1848,8 @@ def top_inputs(weights: Union[torch.Tensor, Connection], k: int) -> TopInputs:
 
     ``weights``: ``[in, kh, kw]`` (one neuron) → ``indices``/``norms`` ``[k]``; or
     ``[out, in, kh, kw]`` → ``[out, k]`` per output channel. ``k`` larger than the number of
-    input channels returns them all.
+    input channels returns them all. Ties keep channel order. This is the one L2 ranking of
+    the package (:func:`circuits.figures.rank_inputs` is its NumPy face).
     """
     if isinstance(weights, Connection):
         weights = weights.weights
@@ -1916,8 +1860,8 @@ def top_inputs(weights: Union[torch.Tensor, Connection], k: int) -> TopInputs:
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     norms = weights.detach().flatten(-2).norm(dim=-1)
-    values, indices = norms.topk(min(k, norms.shape[-1]), dim=-1)
-    return TopInputs(indices, values)
+    indices = norms.argsort(dim=-1, descending=True, stable=True)[..., : min(k, norms.shape[-1])]
+    return TopInputs(indices, norms.gather(-1, indices))
 
 
 # --------------------------------------------------------------------------- per example
