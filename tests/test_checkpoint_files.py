@@ -398,3 +398,12 @@ def test_layers_device_without_gpu_exits_2(capsys):
         pytest.skip("this machine has a GPU")
     code, _, err = _run(["layers", "--device", "cuda"], capsys)
     assert code == 2 and "device 'cuda' is not available" in err and err.count("\n") == 1
+
+
+def test_two_sets_of_weights_get_a_prefix_hint(tmp_path, state):
+    from circuits.models import load_weights
+
+    path = tmp_path / "ema.pth"
+    torch.save({"model": dict(state), "ema": dict(state), "epoch": 2}, path)
+    with pytest.raises(WeightsError, match=r"holds conv2d0_pre_relu_conv.weight under ema\., model\.: pass the weights under one prefix"):
+        load_weights(FashionInception(), path)

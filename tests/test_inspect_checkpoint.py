@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import struct
-import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 
+from bigfiles import run_measured, write_sparse_safetensors
 from circuits.inspect import CheckpointReader, checkpoint_stats, diff_checkpoints, weight_stats
 from circuits.models import FashionInception, save_state_dict
 
@@ -24,46 +22,16 @@ def _live_block(i: int) -> np.ndarray:
 
 
 def _write_big_safetensors(path) -> None:
-    """1 GiB safetensors written without holding it in memory: header, then per tensor a
-    1 MiB random block (its first 64 rows) and a hole (zeros) for the rest."""
-    header = {f"layer{i}.weight": {"dtype": "F32", "shape": [ROWS, COLS],
-                                   "data_offsets": [i * TENSOR_BYTES, (i + 1) * TENSOR_BYTES]} for i in range(N_TENSORS)}
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    start = 8 + len(h)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        for i in range(N_TENSORS):
-            f.seek(start + i * TENSOR_BYTES)
-            f.write(_live_block(i).tobytes())
-        f.truncate(start + N_TENSORS * TENSOR_BYTES)
-
-
-_CHILD = textwrap.dedent("""
-    import json, resource, sys
-    import torch
-    from circuits.inspect import checkpoint_stats
-
-    def hwm_kib():
-        # VmHWM: peak resident set of *this* process image (ru_maxrss would include the
-        # parent's RSS at fork time, which Linux carries over exec)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-    torch.set_num_threads(1)  # the test machine is shared and oversubscribed
-    base = hwm_kib()
-    table = checkpoint_stats(sys.argv[1], spectral="power", power_iters=2)
-    print(json.dumps({"base": base, "peak": hwm_kib(), "rows": table.to_records()}))
-""")
+    """1 GiB safetensors: per tensor a 1 MiB random block (its first 64 rows), then a hole."""
+    write_sparse_safetensors(path, N_TENSORS, ROWS, COLS, _live_block)
 
 
 def _inspect_in_child(path) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_measured("""
+        from circuits.inspect import checkpoint_stats
+        result = checkpoint_stats(sys.argv[1], spectral="power", power_iters=2).to_records()
+    """, path, timeout=300)
+    return {"base": res["base"], "peak": res["peak"], "rows": res["result"]}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmHWM from /proc")

@@ -12,7 +12,8 @@ the model's parameters). Every ``every``-th optimizer step it logs, for each nam
 - ``updates/<name>/ratio``: ``||W_after - W_before|| / ||W_before||``, the update-to-weight
   ratio (about 1e-3 per step is the usual healthy range; much larger means the learning rate
   is too high for that layer, much smaller that it barely trains). A parameter whose weights
-  were all zero before the step has no ratio (it is not logged, and ``notes`` says so).
+  were all zero or not finite before the step, or whose update is not finite, has no ratio (it
+  is not logged, and ``Watcher.notes`` says so; the ``nonfinite`` counts show NaN/Inf).
 
 To measure the update, the parameters are copied before a logged step (memory for one copy
 of the model, only during logged steps). Writers: a TensorBoard ``SummaryWriter`` (histograms
@@ -327,8 +328,9 @@ class Watcher:
                     if norm_old > 0 and math.isfinite(norm_old) and math.isfinite(delta):
                         self.writer.add_scalar(f"updates/{name}/ratio", delta / norm_old, step)
                     else:
-                        why = "all zero" if norm_old == 0 else "not finite"
-                        self.notes.append(f"step {step}: no update ratio for {name} (its weights were {why})")
+                        why = ("its weights were all zero" if norm_old == 0 else "its weights were not finite"
+                               if not math.isfinite(norm_old) else "the update is not finite")
+                        self.notes.append(f"step {step}: no update ratio for {name} ({why})")
         self._before = None
         self.logged_steps.append(step)
         if hasattr(self.writer, "flush"):

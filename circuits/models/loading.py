@@ -151,6 +151,12 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
         problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
     if shapes:
         problems.append("shape mismatches: " + "; ".join(shapes[:20]))
+    if missing:
+        prefixes = sorted({k[: -len(missing[0]) - 1] for k in state if k.endswith("." + missing[0])})
+        if prefixes:  # e.g. {"model": ..., "ema": ...} flattened, or DataParallel's "module."
+            problems.append(f"the checkpoint holds {missing[0]} under {', '.join(p + '.' for p in prefixes)}: pass "
+                            "the weights under one prefix, e.g. {k.removeprefix('" + prefixes[0] + ".'): v for k, v in "
+                            "state.items()}")
     if problems:
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + " | ".join(problems))
 
