@@ -7,7 +7,7 @@
    and sigma, stable rank, randomised ESD), on the same layers: the bundled trained
    Fashion-MNIST model (every layer printed side by side) and ResNet-50 random init (summary).
    Ours with ``conv="slices"``, WeightWatcher's convention. Both figures printed, and the time ratio.
-3. The t-SNE of a 6000 x 5000 layer's units: ours (a seeded sample of 2000 units, PCA to 50
+3. The t-SNE of a 6000 x 5000 layer's units: ours (a seeded sample of 1000 units, PCA to 50
    dimensions first) timed; with ``--tsne-full`` also the old way (t-SNE on all raw rows).
 
 The numpy loop is what one writes by hand: ``scipy.stats.skew``/``kurtosis`` on the flattened

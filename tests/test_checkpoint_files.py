@@ -158,6 +158,12 @@ def _bad_files(d: Path, state: dict) -> dict[str, tuple[Path, str]]:
     put("pickle.dumps with eval", "eval.pt", pickle.dumps(_Eval(marker), protocol=2), "imports builtins.eval")
     put("pickle.dumps with subprocess (protocol 4, STACK_GLOBAL)", "sub.bin",
         pickle.dumps(_Subprocess(marker), protocol=4), "imports subprocess.check_call")
+    cmd = f"touch {marker}".encode()
+    hidden = (b"\x80\x04\x8c\x02os\x94\x8c\x06system\x94N0N0h\x00h\x01\x93"  # names via the memo
+              + b"\x8c" + bytes([len(cmd)]) + cmd + b"\x85R.")
+    put("pickle hiding its import behind the memo", "hidden.pth", hidden, "is a pickle that imports os.system")
+    put("pickle importing through the extension registry", "ext.pth", b"\x80\x02\x82\x01)R.",
+        "is a pickle that imports <hidden>")
     p = d / "zip_system.pth"
     torch.save({"w": torch.ones(2), "x": _System(marker)}, p)
     cases["torch.save zip with os.system"] = (p, "imports posix.system")

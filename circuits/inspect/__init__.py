@@ -38,7 +38,7 @@ _LAZY = {
     "diff_checkpoints": "diff", "diff_report": "diff", "CheckpointDiff": "diff", "TensorDiff": "diff",
     "DiffError": "diff",
     "inspect_report": "report", "add_inspect_subcommand": "report", "run_inspect_command": "report",
-    "InspectError": "report",
+    "InspectError": "report", "ReportLimits": "report",
 }
 
 

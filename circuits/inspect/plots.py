@@ -328,7 +328,7 @@ def plot_weight_norms(source: Union[Source, StatsTable], norm: str = "fro", weig
     return FigureResult(fig, {"names": names, "values": values})
 
 
-def embedding_input(weight: torch.Tensor, max_units: int = 2000, pca_dims: int = 50, seed: int = 0,
+def embedding_input(weight: torch.Tensor, max_units: int = 1000, pca_dims: int = 50, seed: int = 0,
                     max_values: int = 50_000_000) -> dict[str, Any]:
     """The rows that :func:`plot_neuron_embedding` embeds: a seeded sample of at most
     ``max_units`` units (fewer when ``units x inputs`` exceeds ``max_values``), reduced to
@@ -358,7 +358,7 @@ def embedding_input(weight: torch.Tensor, max_units: int = 2000, pca_dims: int =
 
 def plot_neuron_embedding(weight: Union[torch.Tensor, Mapping[str, Any]], name: str = "layer", method: str = "auto",
                           seed: int = 0, perplexity: float = 30.0, color: Optional[np.ndarray] = None,
-                          max_units: int = 2000, pca_dims: int = 50) -> FigureResult:
+                          max_units: int = 1000, pca_dims: int = 50) -> FigureResult:
     """2-D embedding of a layer's output units by their weight vectors (rows of ``[out, -1]``).
 
     ``method``: ``"tsne"`` (scikit-learn), ``"umap"`` (needs ``umap-learn``) or ``"auto"``

@@ -53,7 +53,7 @@ class ReportLimits:
     max_heatmaps = 4  # the largest matrices
     heatmap_size = 256  # pixels per side after block-mean pooling
     max_filters = 256  # first-layer filters drawn
-    embed_units = 2000  # units embedded (a seeded sample beyond that)
+    embed_units = 1000  # units embedded (a seeded sample beyond that)
     embed_pca = 50  # PCA dimensions before t-SNE/UMAP
 
 
@@ -119,7 +119,7 @@ class _PlotPlan:
         if name == self.embed_name:
             self.embed = plots.embedding_input(t, self.lim.embed_units, self.lim.embed_pca, self.seed)
 
-    def watch(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def tap(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in items:
             self.collect(name, t)
             yield name, t
@@ -292,7 +292,7 @@ def inspect_report(
             if want_plots:
                 plan = _PlotPlan([(n, reader.shape(n), reader.dtype(n)) for n in reader.keys()], embedding,
                                  max_heatmaps, cfg.seed)
-            items = plan.watch(reader) if plan is not None else iter(reader)
+            items = plan.tap(reader) if plan is not None else iter(reader)
             table = stats_from_items(items, cfg, progress=progress, total=len(reader))
             table.notes = list(reader.notes)
     else:

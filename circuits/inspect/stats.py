@@ -459,11 +459,13 @@ def tensor_stats(name: str, tensor: torch.Tensor, config: Optional[StatsConfig] 
             if shift is None:
                 shift = float(x.mean())
             d = x - shift
-            s1 += float(d.sum())
-            s2 += float(torch.dot(d, d))
+            # sums, not BLAS dots: torch's sum is cascaded, a float32 dot accumulates sequentially
+            # (1e-5 relative error in std for a 2.4M-value tensor)
             d2 = d * d
-            s3 += float(torch.dot(d2, d))
-            s4 += float(torch.dot(d2, d2))
+            s1 += float(d.sum())
+            s2 += float(d2.sum())
+            s3 += float((d2 * d).sum())
+            s4 += float((d2 * d2).sum())
             count += x.numel()
             del d, d2, x, c
         rec.n_nan, rec.n_inf = n_nan, n_inf

@@ -124,7 +124,7 @@ class TensorBoardWeightLogger:
                 sum_squares=float(torch.dot(x, x)), bucket_limits=limits.cpu().tolist(),
                 bucket_counts=counts.cpu().tolist(), global_step=step)
         if self.stats:
-            rec = tensor_stats(name, t, spectral=self.spectral)
+            rec = tensor_stats(name, t, spectral=self.spectral, spectrum=False)
             values = {"mean": rec.mean, "std": rec.std, "fro_norm": rec.fro_norm,
                       "max_abs": max(abs(rec.min), abs(rec.max)) if x.numel() else math.nan,
                       "near_zero": rec.near_zero, "nan": rec.n_nan, "inf": rec.n_inf}

@@ -228,7 +228,6 @@ def read_safetensors_header(path: PathLike) -> tuple[int, dict[str, dict[str, An
 # Other torch.* names are left to torch's own weights_only unpickler (the second line).
 _SAFE_GLOBALS = {"collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.set",
                  "builtins.bytearray", "builtins.complex"}
-_GLOBAL_OPS = {"GLOBAL", "STACK_GLOBAL", "INST"}
 _PUSH_STR = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 _MEMO_PUT = {"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"}
 _MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
@@ -243,13 +242,13 @@ def _py3_name(module: str, name: str) -> str:
 def _pickle_imports(stream: Any) -> list[str]:
     """The ``module.name`` globals one pickle imports, read from its opcodes (nothing runs).
 
-    A ``STACK_GLOBAL`` whose two strings cannot be followed is reported as ``"<hidden>"``.
+    A ``STACK_GLOBAL`` whose two strings cannot be followed, and an extension-registry import
+    (``EXT1/2/4``), are reported as ``"<hidden>"`` (and so refused).
     Raises ``ValueError`` (from :mod:`pickletools`) when the bytes are not a valid pickle.
     """
     found: list[str] = []
     memo: dict[Any, Optional[str]] = {}
     recent: list[Optional[str]] = []  # values pushed since the last non-push opcode
-    last_push: Optional[str] = None
     for op, arg, _ in pickletools.genops(stream):
         name = op.name
         if name in ("GLOBAL", "INST"):
@@ -258,9 +257,11 @@ def _pickle_imports(stream: Any) -> list[str]:
         elif name == "STACK_GLOBAL":
             found.append(_py3_name(*recent[-2:]) if len(recent) >= 2 and None not in recent[-2:] else "<hidden>")  # type: ignore[misc]
             recent = []
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            found.append("<hidden>")
+            recent = []
         elif name in _PUSH_STR:
-            last_push = str(arg)
-            recent.append(last_push)
+            recent.append(str(arg))
         elif name in _MEMO_GET:
             recent.append(memo.get(arg))
         elif name == "FRAME":
@@ -609,7 +610,7 @@ class _Sharded:
                                         f"({len(missing)} of {len(shards)} shards missing)")
         self.names = [n for s in shards for n in weight_map if self.shard_of[n] == s]
         self.notes: list[str] = [f"{len(shards)} shards listed by {index.name}"]
-        self._open: Optional[tuple[Path, Union[_SafetensorsFile, _TorchFile]]] = None
+        self._open: Optional[tuple[Path, Union[_SafetensorsFile, _TorchFile], set[str]]] = None
 
     @staticmethod
     def _find_index(folder: Path) -> Path:
@@ -626,9 +627,10 @@ class _Sharded:
         if self._open is None or self._open[0] != path:
             if self._open is not None:
                 self._open[1].close()
-            self._open = (path, _open_file(path, self.mmap))
-        shard = self._open[1]
-        if name not in set(shard.names):
+            opened = _open_file(path, self.mmap)
+            self._open = (path, opened, set(opened.names))
+        shard, held = self._open[1], self._open[2]
+        if name not in held:
             raise CheckpointFormatError(f"{self.path} lists {name!r} in {path.name}, but that shard does not hold it")
         return shard
 
@@ -682,6 +684,7 @@ class CheckpointReader:
         self._impl = impl
         self.notes: list[str] = list(impl.notes)
         self._names = list(impl.names)
+        self._name_set = set(self._names)
         if not self._names:
             self.close()
             raise CheckpointFormatError(f"{self.path} holds no tensors (empty state dict)")
@@ -702,10 +705,10 @@ class CheckpointReader:
         return len(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in set(self._names)
+        return name in self._name_set
 
     def _check(self, name: str) -> None:
-        if name not in self._names:
+        if name not in self._name_set:
             import difflib
 
             close = difflib.get_close_matches(name, self._names, n=3)
@@ -727,7 +730,8 @@ class CheckpointReader:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a tensor's first dimension (a 0-d tensor whole)."""
         self._check(name)
-        n = self._impl.shape(name)[0] if self._impl.shape(name) else 0
+        shape = self._impl.shape(name)
+        n = shape[0] if shape else 0
         start, stop = max(0, min(start, n)), max(0, min(stop, n))
         return self._impl.rows(name, start, max(start, stop))
 
