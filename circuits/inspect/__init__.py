@@ -30,7 +30,7 @@ _LAZY = {
     "Plot": "plots", "plot_histograms": "plots", "plot_heatmap": "plots", "block_pool": "plots",
     "plot_conv_filters": "plots", "normalize_filters": "plots", "plot_weight_norms": "plots",
     "plot_neuron_embedding": "plots", "plot_activations": "plots", "first_conv_weight": "plots",
-    "histogram": "plots", "pool_matrix": "plots", "plot_histogram_data": "plots", "plot_spectra": "plots",
+    "histogram": "plots", "pool_matrix": "plots", "plot_histogram_data": "plots", "plot_pooled_heatmap": "plots", "plot_spectra": "plots",
     "plot_alphas": "plots", "embedding_input": "plots",
     "ArchGraph": "graph", "GraphNode": "graph", "trace_graph": "graph", "graph_to_dot": "graph",
     "plot_graph": "graph",
