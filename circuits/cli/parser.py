@@ -90,6 +90,7 @@ COMMANDS: dict[str, str] = {
     "layers": "list layers with output shapes and parameter counts",
     "inspect": "per-layer weight statistics and plots of a model or a checkpoint (no model code needed)",
     "atlas": "every neuron's page for whole layers: plan, render (locally or on Ray), build pages; resumable",
+    "diff": "per-tensor change between two checkpoints (or models): relative change, cosine, changed units, NaN-aware",
     "run": "run a YAML config (command: plus arguments), e.g. configs/explore_fashion.yaml",
 }
 FIGURE_TYPES = ("small-multiples", "factors", "family", "spatial", "nmf", "heatmap")
@@ -229,6 +230,18 @@ def _atlas(sub: argparse._SubParsersAction) -> None:
     model_options(p, "output folder: plan.json, pages/, atlas.json (default: ./circuits-atlas)", "circuits-atlas")
 
 
+def _diff(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diff", help=COMMANDS["diff"], description=COMMANDS["diff"])
+    p.add_argument("a", help="the first checkpoint (file or sharded folder) or model name")
+    p.add_argument("b", help="the second one")
+    p.add_argument("--format", default="table", choices=INSPECT_FORMATS[:1] + ("json", "html"),
+                   help="what to print (html writes OUT/diff.html) (default: %(default)s)")
+    p.add_argument("--top", type=positive_int, default=5, help="changed units listed per tensor (default: %(default)s)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="folder for diff.txt, diff.json and diff.html")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help=COMMANDS["run"], description=COMMANDS["run"])
     p.add_argument("config", help="YAML file with a 'command:' key and that command's arguments "
@@ -252,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"circuits {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_explore, _figure, _render, _nmf, _expand, _layers, _inspect, _atlas, _run):
+    for add in (_explore, _figure, _render, _nmf, _expand, _layers, _inspect, _diff, _atlas, _run):
         add(sub)
     return parser
 

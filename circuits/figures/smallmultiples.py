@@ -61,6 +61,9 @@ class FigureResult:
         """Write the figure (format from the suffix: .png, .svg, .pdf) atomically."""
         return save_figure(self, path, dpi=dpi)
 
+    def __iter__(self):  # ``fig, data = result``, as the inspect plots have always allowed
+        return iter((self.figure, self.data))
+
 
 def save_figure(fig: Union[Figure, FigureResult], path: PathLike, dpi: int = 150) -> Path:
     """Save ``fig`` to ``path`` as PNG, SVG or PDF (chosen by suffix), atomically.
