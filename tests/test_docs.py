@@ -419,3 +419,16 @@ def test_api_reference_is_generated_from_all(monkeypatch):
     files = hook.generate()
     assert "::: circuits.nmf.ArrayLike" in files["api/circuits.nmf.md"]
     assert "api/circuits.inspect.md" in files and "api/circuits.featurevis.objectives.md" in files
+
+
+def test_docstring_extension_splits_grouped_params_and_plain_roles():
+    spec = importlib.util.spec_from_file_location("griffe_docstrings", REPO / "docs" / "hooks" / "griffe_docstrings.py")
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    doc = "Do.\n\n    Args:\n        a: x\n        max_iter, tol / seed: as nmf,\n            more.\n        b: y\n\n    Returns:\n        x, y: z"
+    out = ext.split_grouped_params(doc).splitlines()
+    assert out[3:11] == ["        a: x", "        max_iter: as nmf,", "            more.", "        tol: as nmf,",
+                         "            more.", "        seed: as nmf,", "            more.", "        b: y"]
+    assert out[-1] == "        x, y: z"  # only parameter sections are rewritten
+    assert ext.plain_roles("see :func:`nmf`, :class:`~circuits.nmf.NMFReducer`, :meth:`.fit`") == \
+        "see `nmf`, `circuits.nmf.NMFReducer`, `fit`"
