@@ -52,8 +52,10 @@ KNOWN_FAILURES = {
 }
 # Subcommands that take more than a few seconds on the bundled model (CI runs them all).
 SLOW_SUBCOMMANDS = {"explore", "run", "render", "figure", "inspect", "atlas"}
-# Python examples that render feature visualizations at full length.
-SLOW_PYTHON = {"README.md"}
+# Python examples that render feature visualizations or build pages (measured 30-70 s on the
+# shared 2-core machine; CI runs them all).
+SLOW_PYTHON = {"README.md", "docs/guide/feature-visualization.md", "docs/guide/neuron-pages.md",
+               "docs/howto/atlas-ray.md", "docs/howto/own-model.md"}
 
 PYTHON_LANGS = {"python", "py", "python3", "pycon"}
 SHELL_LANGS = {"bash", "sh", "shell", "console", "shell-session"}
