@@ -21,8 +21,8 @@ Example:
     >>> model = circuits.load_model()
     >>> channel_counts(model)["mixed3b"]
     160
-    >>> [name for name, first, n in concat_branches(model, "mixed3a")]
-    ['mixed3a_1x1', 'mixed3a_3x3', 'mixed3a_5x5', 'mixed3a_pool_reduce']
+    >>> " ".join(name for name, first, n in concat_branches(model, "mixed3a"))
+    'mixed3a_1x1 mixed3a_3x3 mixed3a_5x5 mixed3a_pool_reduce'
 """
 
 from __future__ import annotations

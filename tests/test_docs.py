@@ -46,10 +46,7 @@ DOC_FILES = [REPO / "README.md"] + sorted((REPO / "docs").rglob("*.md"))
 
 # Commands (as written in the docs, comments stripped) that fail today because of library bugs
 # owned elsewhere; strict: the test fails once they are fixed, so this entry gets removed.
-KNOWN_FAILURES = {
-    "circuits nmf mixed3b --from mixed3a --out out/nmf":
-        "issue 16: the default channels of mixed3b are all in its 1x1 branch ('nothing to factor')",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 # Subcommands that take more than a few seconds on the bundled model (CI runs them all).
 SLOW_SUBCOMMANDS = {"explore", "run", "render", "figure", "inspect", "atlas"}
 # Python examples that render feature visualizations or build pages (measured 30-70 s on the
