@@ -64,6 +64,7 @@ __all__ = [
     "load_story",
     "grid_shape",
     "support_box",
+    "on_support",
     "add_caption",
     "RENDER_KEYS",
 ]
@@ -396,6 +397,12 @@ def support_box(w: Any) -> tuple[int, int, int, int]:
         return 0, a.shape[-2], 0, a.shape[-1]
     ys, xs = np.flatnonzero(nz.any(1)), np.flatnonzero(nz.any(0))
     return int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+
+
+def on_support(w: Any) -> Any:
+    """``w [..., kh, kw]`` cropped to :func:`support_box` (for drawing)."""
+    y0, y1, x0, x1 = support_box(w)
+    return w[..., y0:y1, x0:x1]
 
 
 def grid_shape(n: int) -> tuple[int, int]:

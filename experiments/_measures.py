@@ -111,7 +111,8 @@ class Claim:
     def as_dict(self) -> dict:
         return {"what": self.what, "value": float(self.value), "random_init": [float(x) for x in self.random_init],
                 "shuffled": [float(x) for x in self.shuffled], "higher_is_claim": self.higher,
-                "control": self.control, "shuffle": self.shuffle, "beats_control": self.beats, "verdict": self.verdict}
+                "control": self.control, "shuffle": self.shuffle, "shuffled_name": self.shuffled_name,
+                "beats_control": self.beats, "verdict": self.verdict}
 
 
 # ----------------------------------------------------------------------------- controls

@@ -20,7 +20,7 @@ Outputs: ``fig03_top_input.*`` and ``fig04_small_multiples.*`` (figures),
 
 from __future__ import annotations
 
-from _common import add_caption, connection_panel, options, resolve_target, sparse_images, start, weights_between
+from _common import add_caption, connection_panel, on_support, options, resolve_target, sparse_images, start, weights_between
 from _measures import Claim, shuffle_entries, top_share
 from circuits.figures import rank_inputs, small_multiples
 
@@ -43,10 +43,11 @@ def run(config: dict) -> dict:
     images, (out_img,) = sparse_images(r, src, order, n_in, extra=[f"{layer}:{ch}"])
     labels = [f"{src}:{c}" for c in range(n_in)]
     top = order[0]
-    f3 = connection_panel(images[top], w[top].numpy(), out_img, f"{src}:{top}", f"{layer}:{ch}",
+    shown = on_support(w)  # the kernel, not the window's zero padding
+    f3 = connection_panel(images[top], shown[top].numpy(), out_img, f"{src}:{top}", f"{layer}:{ch}",
                           f"{src}:{top} → {layer}:{ch} ({kind} weights)")
     r.save_figure(f3, "fig03_top_input")
-    f4 = small_multiples(w, images, top_n=top_n, labels=labels, title=f"Top {top_n} {src} inputs of {layer}:{ch} ({kind} weights)", cols=min(top_n, 8))
+    f4 = small_multiples(shown, images, top_n=top_n, labels=labels, title=f"Top {top_n} {src} inputs of {layer}:{ch} ({kind} weights)", cols=min(top_n, 8))
     add_caption(f4, [claim.caption()])
     data = dict(f4.data)
     r.save_figure(f4, "fig04_small_multiples")

@@ -64,7 +64,7 @@ def run(config: dict) -> dict:
     inputs = resolve_neurons(config.get("inputs", [147, 189, 156, 163, 85, 160]), W.shape[1],
                              lambda: strength.argsort(descending=True, stable=True)[: int(config.get("n_inputs", 6))].tolist(), "inputs", config)
     imgs = feature_vis(r, [f"{src}:{i}" for i in inputs] + [f"{dst}:{o}" for o in outputs])
-    out_labels = [f"{dst}:{o}" + (f"\n{TRANSFORMS[which[0, j]]} {aligned[0, j]:.2f}" if j else "\n(first)") for j, o in enumerate(outputs)]
+    out_labels = [f"{dst}:{o}" + (f"\n{TRANSFORMS[which[0, j]] or 'as is'} {aligned[0, j]:.2f}" if j else "\n(first)") for j, o in enumerate(outputs)]
     y0, y1, x0, x1 = support_box(W)  # draw the family's kernel, not the window's zero padding
     fig = family_grid(W[:, :, y0:y1, x0:x1], imgs[: len(inputs)], imgs[len(inputs):], inputs=inputs, outputs=list(range(n)),
                       in_labels=[f"{src}:{i}" for i in inputs], out_labels=out_labels,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from _common import add_caption, options, resolve_target, sparse_images, start, weights_between
+from _common import add_caption, on_support, options, resolve_target, sparse_images, start, weights_between
 from _measures import Claim, shuffle_entries, top_share
 from circuits.figures import DIVERGING, FigureResult, rank_inputs, save_image_png, symmetric_limit
 
@@ -71,7 +71,7 @@ def run(config: dict) -> dict:
                   control="the same neuron of random-init models", shuffle="weights permuted within the neuron's support")
     order = rank_inputs(w, top_n)[0].tolist()
     images, (target_img,) = sparse_images(r, src, order, w.shape[0], extra=[f"{layer}:{ch}"])
-    fig = target_and_inputs(w.numpy(), order, images, target_img, f"{layer}:{ch}", [f"{src}:{c}" for c in order],
+    fig = target_and_inputs(on_support(w.numpy()), order, images, target_img, f"{layer}:{ch}", [f"{src}:{c}" for c in order],
                             f"{layer}:{ch} and its {top_n} strongest {src} inputs ({kind} weights)")
     add_caption(fig, [claim.caption()])
     data = {"order": np.asarray(order), "norms": rank_inputs(w)[1], "slices": w.numpy()[order]}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from _common import add_caption, options, resolve_target, sparse_images, start, weights_between
+from _common import add_caption, on_support, options, resolve_target, sparse_images, start, weights_between
 from _measures import Claim, shuffle_entries
 from circuits.figures import DIVERGING, FigureResult, factor_order, rank_inputs, symmetric_limit
 from circuits.nmf import neuron_factors
@@ -86,7 +86,7 @@ def run(config: dict) -> dict:
     norms = rank_inputs(w)[1]
     images, _ = sparse_images(r, src, order.tolist(), w.shape[0])
     labels = [f"{src}:{c}" for c in range(w.shape[0])]
-    fig = rows_figure(w, order, factor, images, labels, max_cols=max(-(-top_n // k), min(12, int(np.bincount(factor).max()))),
+    fig = rows_figure(on_support(w), order, factor, images, labels, max_cols=max(-(-top_n // k), min(12, int(np.bincount(factor).max()))),
                       title=f"Top {len(order)} {kind} weights {src} → {layer}:{ch}, one row per NMF factor")
     add_caption(fig, [claim.caption()])
     r.save_figure(fig, "fig10_expanded_factors")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from _common import add_caption, options, resolve_target, sparse_images, start, story_entry, weights_between
+from _common import add_caption, on_support, options, resolve_target, sparse_images, start, story_entry, weights_between
 from _measures import (Claim, boundary_neuron, odd_fraction, path_contributions, shuffle_positions, sign_shuffled_washout,
                        washout)
 from circuits.expanded import expanded_weights, per_example_connections
@@ -166,7 +166,7 @@ def run(config: dict) -> dict:
                     shuffle="position vectors permuted within the support")
     mids_top = w.flatten(1).norm(dim=1).argsort(descending=True, stable=True)[:n_mid].tolist()
     images, (target_img,) = sparse_images(r, mid, mids_top, w.shape[0], extra=[f"{layer}:{ch}"])
-    f11 = target_and_inputs(w.numpy(), mids_top, images, target_img, f"{layer}:{ch}",
+    f11 = target_and_inputs(on_support(w.numpy()), mids_top, images, target_img, f"{layer}:{ch}",
                             [f"{mid}:{c}\nodd {odd_in[c]:.2f}" for c in mids_top],
                             f"{layer}:{ch}, a boundary-like neuron, and its strongest {mid} inputs ({kind_mid} weights)")
     add_caption(f11, [claim11.caption(), "Odd share: the part of a weight map that flips sign under a 180° rotation "

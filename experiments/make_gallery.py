@@ -54,7 +54,7 @@ def caption(c: dict) -> str:
 
     parts = [f"random init {fmt(c['random_init'])}"]
     if c["shuffled"]:
-        parts.append(f"shuffled {fmt(c['shuffled'])}")
+        parts.append(f"{c.get('shuffled_name', 'shuffled')} {fmt(c['shuffled'])}")
     return f"{c['what']}: **{c['value']:.2f}** ({'; '.join(parts)}) — {c['verdict']}"
 
 

@@ -138,7 +138,8 @@ claim(f"share of {layer}:{ch}'s squared weights in its top 5 mixed3a inputs", M.
 top5 = w.flatten(1).norm(dim=1).argsort(descending=True)[:5].tolist()
 names = variable_names(model, [f"mixed3a:{c}" for c in top5] + [f"{layer}:{ch}"], steps=STEPS, progress=False, cache=True)
 images = [names.get(f"mixed3a:{c}") for c in range(w.shape[0])]
-sm = small_multiples(w, images, top_n=5, labels=[f"mixed3a:{c}" for c in range(w.shape[0])], cols=5,
+nz = np.argwhere(w.abs().sum(0).numpy() > 0); (y0, x0), (y1, x1) = nz.min(0), nz.max(0) + 1   # the kernel's support
+sm = small_multiples(w[:, y0:y1, x0:x1], images, top_n=5, labels=[f"mixed3a:{c}" for c in range(w.shape[0])], cols=5,
                      title=f"{layer}:{ch} ← its 5 strongest mixed3a inputs (expanded weights; red excites, blue inhibits)")
 sm.figure"""),
     ("markdown", """A quarter or less of the weight sits in the top five inputs, but clearly more than in a
@@ -177,7 +178,7 @@ the same sizes but random signs."""),
 blayer, bch = bd["target"].split(":"); bch = int(bch)
 slayer, sch = bd["source"].split(":"); sch = int(sch)
 Wb = connection_weights(model, "mixed3a", blayer, [bch]).weights
-print(f"{bd['target']}: odd share of its mixed3a weights {float(M.odd_fraction(Wb)[0]):.2f} (story search vs random init: {bd['claim']['random_init']})")
+claim(f"odd share of {bd['target']}'s mixed3a weights (random init: the same search)", M.odd_fraction(Wb)[0], bd["claim"]["random_init"])
 P = M.path_contributions(model, slayer, "mixed3a", blayer, bch)[:, sch]   # [112 paths, H, W]
 E = expanded_weights(model, slayer, blayer, [bch])[0, sch]
 kh, kw = E.shape
@@ -231,7 +232,7 @@ compressed". `experiments/RESULTS.md` has the full study for all three blocks.
 ## Summary: every claim in this notebook, against its control"""),
     ("code", """for c in claims:
     print(("✔ " if c.beats else "✘ ") + c.caption())
-print(f"\\n{sum(bool(c.beats) for c in claims)} of {len(claims)} claims beat their random-init control on this model.")"""),
+print(f"\\n{sum(bool(c.beats) for c in claims)} of {len(claims)} claims beat their controls on this model.")"""),
     ("markdown", """## Where next
 
 - `python experiments/make_gallery.py` regenerates every article figure on this model
