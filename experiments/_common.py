@@ -427,12 +427,21 @@ def feature_vis(run: Run, targets: Sequence[Union[str, Objective]]) -> list[np.n
     return [result.image(i) for i in range(len(result))]
 
 
-def add_caption(result: Any, lines: Sequence[str], fontsize: float = 7.0) -> None:
-    """Write ``lines`` (the figure's claims and controls) below the figure, wrapped to its width."""
+def add_caption(result: Any, lines: Sequence[str], fontsize: float = 7.0, title: Optional[str] = None) -> None:
+    """Write ``lines`` (the figure's claims and controls) below everything already drawn (tick
+    labels included), wrapped to the figure's width; ``title``, if given, above everything."""
     fig = getattr(result, "figure", result)
+    if not hasattr(fig.canvas, "get_renderer"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    h = fig.get_figheight()
     width = max(20, int(fig.get_figwidth() * 72 / (fontsize * 0.52)))
     text = "\n".join(textwrap.fill(line, width) for line in lines)
-    fig.text(0.5, 0.0, text, ha="center", va="top", fontsize=fontsize, wrap=False)
+    fig.text(0.5, min(0.0, box.y0 / h) - 0.04 / h, text, ha="center", va="top", fontsize=fontsize)
+    if title:
+        fig.text(0.5, max(1.0, box.y1 / h) + 0.06 / h, title, ha="center", va="bottom", fontsize=9)
 
 
 def centre_activation(model: nn.Module, images01: torch.Tensor, layer: str, channel: int) -> torch.Tensor:

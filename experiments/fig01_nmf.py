@@ -65,8 +65,8 @@ def run(config: dict) -> dict:
                   shuffle="each neuron's weights permuted within its support")
     rgb = factors_rgb(f.spatial[:, :3], scale=int(config.get("scale", 8)))
     labels = [f"{layer}:{n}\n{100 * float(e):.0f}% expl." for n, e in zip(neurons, f.explained)]
-    fig = nmf_rgb_figure(rgb, labels=labels, title=f"One-sided NMF ({k} factors as RGB) of {layer} input weights ({kind})")
-    add_caption(fig, [claim.caption()])
+    fig = nmf_rgb_figure(rgb, labels=labels)
+    add_caption(fig, [claim.caption()], title=f"One-sided NMF ({k} factors as RGB) of {layer} input weights ({kind})")
     r.save_figure(fig, "fig01_nmf")
     summary = {
         "layer": layer, "weights_from": src, "kind": kind, "neurons": neurons, "components": k,

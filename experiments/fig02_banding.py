@@ -56,8 +56,9 @@ def run(config: dict) -> dict:
     shown = resolve_neurons(config.get("neurons", "auto"), w.shape[0], lambda: np.argsort(-scores, kind="stable")[:n_show].tolist(), config=config)
     rgb = factors_rgb(f.spatial[shown, :3], scale=int(config.get("scale", 8)))
     labels = [f"{layer}:{n}\nband {scores[n]:.2f}" for n in shown]
-    fig = nmf_rgb_figure(rgb, labels=labels, title=f"Weight banding in {layer}: NMF factors as RGB, most banded neurons")
-    add_caption(fig, [claim.caption(), f"early layer {base} for contrast: mean score {base_scores.mean():.2f}"])
+    fig = nmf_rgb_figure(rgb, labels=labels)
+    add_caption(fig, [claim.caption(), f"early layer {base} for contrast: mean score {base_scores.mean():.2f}"],
+                title=f"Weight banding in {layer}: NMF factors as RGB, the most banded neurons")
     r.save_figure(fig, "fig02_banding")
     summary = {
         "layer": layer, "weights_from": src, "baseline_layer": base, "components": k, "shown": shown,
