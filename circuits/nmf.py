@@ -12,9 +12,11 @@ What this module offers:
   ``nndsvda`` initialisation). Each matrix stops on its own when it has converged. Two
   backends run the same algorithm: batched torch ops (any device) and, on the CPU, a fused
   kernel compiled with numba (``circuits._hals_cpu``) that keeps each matrix in cache.
-- :class:`NMFReducer` – a scikit-learn-style estimator that reduces any axis of an N-d numpy
-  array or torch tensor (like Lucid/Lucent's ``ChannelReducer``), optionally with one axis
-  indexing independent problems.
+  Every result is checked finite: a NaN or Inf raises :class:`NMFNumericalError` naming the
+  matrix, never reaches a figure.
+- :class:`NMFReducer` – a scikit-learn estimator (``clone``, ``Pipeline``, grid search) that
+  reduces any axis of an N-d numpy array or torch tensor (like Lucid/Lucent's
+  ``ChannelReducer``), optionally with one axis indexing independent problems.
 - :func:`neuron_factors` – per neuron: 3 spatial maps (the RGB picture) and signed channel
   loadings, plus how much of the weights they explain.
 - :func:`family_factors` – a family of neurons: non-negative directions in input-channel space
@@ -44,8 +46,10 @@ Example::
 from __future__ import annotations
 
 import numbers
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -421,6 +425,14 @@ def nmf(
     working set, so the cost falls as they finish; per-matrix results do not depend on how the
     batch is chunked (``batch_size``).
 
+    Numerics: each coordinate update divides by ``max(G_tt, tiny)`` (the dtype's smallest
+    normal number; a factor decayed to 1e-20 has a denormal ``G_tt``) and computes the new
+    value directly rather than as ``old - step``; a matrix whose maximum is beyond
+    ``2**±40`` (float32; ``2**±300`` in float64) is solved rescaled by an exact power of 4
+    and its factors scaled back, so data at 1e-30 or 1e30 factor as well as data at 1.
+    Errors are accumulated in float64. Every factor and error is checked finite; a NaN or Inf
+    raises :class:`NMFNumericalError` with the matrices' batch indices.
+
     Args:
         X: non-negative, finite data ``[m, n]`` or ``[B, m, n]`` (numpy or torch).
         n_components: ``k``, at most ``min(m, n)``.
@@ -438,12 +450,17 @@ def nmf(
             bar); chunks of about 8 MB of ``X`` for the torch backend on the CPU.
         progress: show a tqdm bar (one step per chunk of matrices).
         backend: ``"auto"`` (default): ``"numba"`` for float32/float64 data on the CPU when
-            numba is installed, else ``"torch"``. ``"numba"``: a fused HALS kernel compiled
-            with numba that solves each matrix in one thread with its ``X`` in cache, the
-            matrices shared over ``torch.get_num_threads()`` threads (CPU only; about 3x faster
-            than ``"torch"`` there; the first call in a fresh install compiles it, a few
-            seconds, cached on disk). ``"torch"``: batched torch ops on any device. Both run
-            the same algorithm and stopping rule; results agree up to float rounding.
+            numba is installed, else ``"torch"``. ``"numba"``: a fused kernel compiled with
+            numba that solves each matrix (NNDSVD start, iterations, error) in one thread with
+            its ``X`` in cache, the matrices shared over ``torch.get_num_threads()`` threads
+            (CPU only; several times faster than ``"torch"`` there, most on small problems;
+            the first call in a fresh install compiles it, tens of seconds, cached on disk).
+            ``"torch"``: batched torch ops on any device. Both run the same algorithm, update
+            formulas and stopping rule from the same start: the NNDSVD of both is an
+            eigendecomposition of the float64 Gram matrix (LAPACK through numba; torch's
+            ``eigh``), so the starts agree to float64 rounding, except where a matrix's
+            top-``k`` singular values are (nearly) repeated and the singular vectors are not
+            unique. Results agree up to float rounding.
 
     Returns:
         :class:`NMFResult` with ``W [B, m, k]``, ``H [B, k, n]`` (no ``B`` for a 2-d ``X``).
@@ -455,12 +472,52 @@ def nmf(
         >>> r.W.shape, r.H.shape, r.rel_error.shape
         (torch.Size([480, 25, 3]), torch.Size([480, 3, 64]), torch.Size([480]))
     """
+    threads = torch.get_num_threads()
+    on_cpu = not isinstance(X, torch.Tensor) or X.device.type == "cpu"
+    kernel = _cpu_kernel(backend, X)
+    args = (X, n_components, kernel, threads, max_iter, tol, init, seed, H, batch_size, progress)
+    if not on_cpu:
+        return _nmf(*args)
+    # On the CPU torch's own ops here are small: one intra-op thread, unless the torch solver
+    # runs on a large batch (its batched products then gain from threads). Waking a thread per
+    # op costs more than it saves, and on a busy machine it costs a time slice per op.
+    small = kernel is not None or int(np.prod(getattr(X, "shape", ()))) < _TORCH_THREADS_FROM
+    with _intra_op_threads(1 if small else threads):
+        return _nmf(*args)
+
+
+# the torch solver on the CPU uses torch's threads from this many elements of X on
+_TORCH_THREADS_FROM = 1 << 20
+_THREADS_LOCK = threading.RLock()
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block, then restored. The setting is
+    process-wide, so a block that changes it holds a lock (concurrent callers take turns)."""
+    if n == torch.get_num_threads():
+        yield
+        return
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def _nmf(
+    X: ArrayLike, n_components: int, kernel: Optional[Any], threads: int, max_iter: int, tol: float, init: str,
+    seed: int, H: Optional[ArrayLike], batch_size: Optional[int], progress: bool,
+) -> NMFResult:
+    """:func:`nmf` once the backend is chosen (``threads``: the caller's torch thread count,
+    for the kernel)."""
     Xt, k, batched, exps = _prepare(X, n_components, max_iter, tol, init)
     B, m, n = Xt.shape
     dev, dtype = Xt.device, Xt.dtype
     if exps is not None:  # exact powers of 4, computed in float64 (the factor may exceed float32)
         Xt = (Xt.to(torch.float64) * torch.exp2(-2 * exps)[:, None, None]).to(dtype)
-    kernel = _cpu_kernel(backend, Xt)
     if batch_size is None:
         if kernel is not None:  # each matrix is solved alone anyway; chunks only pace the bar
             batch_size = -(-B // 20) if progress else B
@@ -501,7 +558,7 @@ def nmf(
         Hc = Hfix[sl] if Hfix is not None else None if H_all is None else H_all[sl]
         Wc = None if Wt_all is None else Wt_all[sl]
         if kernel is not None:
-            parts.append(_solve_kernel(kernel, Xc, k, Wc, Hc, init, Hfix is None, max_iter, float(tol)))
+            parts.append(_solve_kernel(kernel, Xc, k, Wc, Hc, init, Hfix is None, max_iter, float(tol), threads))
         else:
             if Hfix is not None:
                 Hc = Hc.contiguous().clone()
@@ -550,9 +607,12 @@ class NMFNumericalError(FloatingPointError):
     """NMF produced non-finite numbers (NaN/Inf) for some matrices; ``indices`` lists them
     (positions in the batch given to :func:`nmf`; :func:`neuron_factors` gives neuron ids)."""
 
-    def __init__(self, message: str, indices: Sequence[int]):
+    def __init__(self, message: str, indices: Sequence[int] = ()):
         super().__init__(message)
         self.indices = [int(i) for i in indices]
+
+    def __reduce__(self) -> tuple:  # picklable with its indices (worker processes)
+        return type(self), (str(self), self.indices)
 
 
 def _check_result(
@@ -640,16 +700,17 @@ def _noise_scale(tol: float, dtype: torch.dtype) -> float:
 _BACKENDS = ("auto", "numba", "torch")
 
 
-def _cpu_kernel(backend: object, X: torch.Tensor) -> Optional[Any]:
-    """The numba HALS module when ``backend`` asks for it (or ``"auto"`` allows it), else None."""
+def _cpu_kernel(backend: object, X: object) -> Optional[Any]:
+    """The numba HALS module when ``backend`` asks for it (or ``"auto"`` allows it) and ``X``
+    (a tensor or an array) is on the CPU, else None."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
     if backend == "torch":
         return None
-    usable = X.device.type == "cpu"  # X is float32 or float64 (_prepare), as the kernel needs
+    usable = not isinstance(X, torch.Tensor) or X.device.type == "cpu"  # _prepare makes it float32/64
     if backend == "numba" and not usable:
         raise ValueError(
-            f'backend="numba" runs on the CPU in float32 or float64; X is {X.dtype} on {X.device}. '
+            f'backend="numba" runs on the CPU in float32 or float64; X is {X.dtype} on {X.device}. '  # type: ignore[union-attr]
             'Use backend="torch" (or "auto").'
         )
     if not usable:
@@ -663,14 +724,18 @@ def _cpu_kernel(backend: object, X: torch.Tensor) -> Optional[Any]:
     return _hals_cpu
 
 
+_FLOPS_PER_THREAD = 1e8
+
+
 def _solve_kernel(
     kernel: Any, X: torch.Tensor, k: int, Wt: Optional[torch.Tensor], H: Optional[torch.Tensor], init: str,
-    update_H: bool, max_iter: int, tol: float,
+    update_H: bool, max_iter: int, tol: float, threads: int,
 ) -> tuple[torch.Tensor, ...]:
     """:func:`_solve` by the compiled CPU kernel (module ``circuits._hals_cpu``), start included:
     NNDSVD computed in the kernel when neither ``Wt`` nor ``H`` is given, flat ``W`` when only
-    ``H`` is (fixed components), else the given ``Wt``, ``H``. Returns ``(Wt, H, n_iter,
-    converged, ||X - W H||_F, ||X||_F)`` per matrix (the last two in float64)."""
+    ``H`` is (fixed components), else the given ``Wt``, ``H``; at most ``threads`` threads.
+    Returns ``(Wt, H, n_iter, converged, ||X - W H||_F, ||X||_F)`` per matrix (the last two
+    in float64)."""
     B, m, n = X.shape
     Xn = X.detach().contiguous().numpy()
     if H is None:
@@ -689,10 +754,15 @@ def _solve_kernel(
     converged = torch.empty(B, dtype=torch.bool)
     error = torch.empty(B, dtype=torch.float64)
     norm = torch.empty(B, dtype=torch.float64)
-    with kernel.LOCK:  # one torch knob for threads: torch.set_num_threads governs this too
+    # One torch knob for threads: torch.set_num_threads governs this too. A thread is woken only
+    # for about 1e8 flops of work (~5 ms): waking one costs far more than a small problem on a
+    # busy machine (the second thread may wait for a time slice).
+    flops = 4.0 * B * m * n * H.shape[1] * max_iter
+    wanted = max(1, min(threads, B, int(flops // _FLOPS_PER_THREAD)))
+    with kernel.LOCK:
         numba = kernel.numba
         threads = numba.get_num_threads()
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(min(wanted, numba.config.NUMBA_NUM_THREADS))
         try:
             kernel.hals_batch(Xn, Wt.numpy(), H.numpy(), mode, update_H, max_iter, tol,
                               _noise_scale(tol, X.dtype), n_iter.numpy(), converged.numpy(), error.numpy(),

@@ -5,6 +5,7 @@ non-finite result is an error naming the matrix."""
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -292,6 +293,7 @@ def test_a_non_finite_result_is_an_error_naming_the_matrix(backend, monkeypatch)
     with pytest.raises(NMFNumericalError, match=r"non-finite .* 1 of 4 matrices \(batch index 2\)") as e:
         nmf(X, 3, backend=backend)
     assert e.value.indices == [2]
+    assert pickle.loads(pickle.dumps(e.value)).indices == [2]  # survives a worker process
     if backend == "torch":
         return
     w = torch.randn(5, 4, 3, 3, generator=torch.Generator().manual_seed(0))  # neuron_factors: the default backend
