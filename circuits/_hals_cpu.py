@@ -28,16 +28,33 @@ Import fails with ``ImportError`` when numba is not installed; callers fall back
 from __future__ import annotations
 
 import threading
+from typing import Any, ContextManager, Optional
 
 import numpy as np
 import numba
+import scipy.linalg.cython_lapack  # noqa: F401 - the LAPACK numba's eigh calls: loaded now so threadpoolctl sees it
 from numba import njit, prange
 
-__all__ = ["hals_batch", "nndsvd_batch", "LOCK", "INIT_GIVEN", "INIT_FLAT_W"]
+__all__ = ["hals_batch", "nndsvd_batch", "one_blas_thread", "LOCK", "INIT_GIVEN", "INIT_FLAT_W"]
 
 # numba's fallback threading layer ("workqueue") aborts the process if two Python threads
 # enter parallel code at once; callers hold this lock around hals_batch.
 LOCK = threading.Lock()
+
+_BLAS: Optional[Any] = None
+
+
+def one_blas_thread() -> ContextManager:
+    """BLAS/LAPACK (OpenBLAS) limited to one thread for the block, for :func:`nndsvd_batch`:
+    its Gram products and eigendecompositions are small (e.g. 49 x 49), and OpenBLAS threads
+    cost more than they bring there, several times more on a busy machine."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
 
 # How hals_batch starts each matrix.
 INIT_GIVEN = 0  # Wt and H as passed (e.g. from nndsvd_batch)
@@ -89,15 +106,63 @@ def _sweep_rows(F, G, P, num, hess):  # pragma: no cover - compiled
 
 @njit(**_FLAGS)
 def _dot_rows(F, Y, out):  # pragma: no cover - compiled
-    """``out = F Y^T``: ``F [k, L]``, ``Y [r, L]`` → ``out [k, r]``, looping over ``Y``'s rows
-    outermost so each row is read from memory once and dotted with the ``k`` rows of ``F``."""
+    """``out = F Y^T``: ``F [k, L]``, ``Y [r, L]`` → ``out [k, r]``. Four rows of ``Y`` at a
+    time share each load of ``F`` (the loop is bound by loads, not by multiplications)."""
     k, L = F.shape
-    for i in range(Y.shape[0]):
+    r = Y.shape[0]
+    zero = F[0, 0] * 0
+    i = 0
+    while i + 4 <= r:
         for t in range(k):
-            s = F[t, 0] * 0
+            s0 = zero
+            s1 = zero
+            s2 = zero
+            s3 = zero
+            for j in range(L):
+                f = F[t, j]
+                s0 += f * Y[i, j]
+                s1 += f * Y[i + 1, j]
+                s2 += f * Y[i + 2, j]
+                s3 += f * Y[i + 3, j]
+            out[t, i] = s0
+            out[t, i + 1] = s1
+            out[t, i + 2] = s2
+            out[t, i + 3] = s3
+        i += 4
+    for i in range(i, r):
+        for t in range(k):
+            s = zero
             for j in range(L):
                 s += F[t, j] * Y[i, j]
             out[t, i] = s
+
+
+@njit(**_FLAGS)
+def _combine_rows(Ft, X, P):  # pragma: no cover - compiled
+    """``P = Ft X``: ``Ft [k, m]``, ``X [m, n]`` → ``P [k, n]``, as axpys over the rows of
+    ``X``, four at a time (one load and store of ``P`` per four multiply-adds)."""
+    k, m = Ft.shape
+    n = X.shape[1]
+    for t in range(k):
+        for j in range(n):
+            P[t, j] = 0
+    i = 0
+    while i + 4 <= m:
+        for t in range(k):
+            w0 = Ft[t, i]
+            w1 = Ft[t, i + 1]
+            w2 = Ft[t, i + 2]
+            w3 = Ft[t, i + 3]
+            if w0 != 0 or w1 != 0 or w2 != 0 or w3 != 0:
+                for j in range(n):
+                    P[t, j] += w0 * X[i, j] + w1 * X[i + 1, j] + w2 * X[i + 2, j] + w3 * X[i + 3, j]
+        i += 4
+    for i in range(i, m):
+        for t in range(k):
+            w = Ft[t, i]
+            if w != 0:
+                for j in range(n):
+                    P[t, j] += w * X[i, j]
 
 
 @njit(**_FLAGS)
@@ -231,16 +296,8 @@ def _solve_one(X, Wt, H, update_H, max_iter, tol, noise_scale, A, G, P, grad, he
         _dot_rows(H, H, G)
         viol = _sweep_rows(Wt, G, A, grad[:m], hess)
         if update_H:
-            # H step: P = W^T X [k, n] (axpys over the rows of X), G = W^T W
-            for t in range(k):
-                for j in range(n):
-                    P[t, j] = 0
-            for i in range(m):
-                for t in range(k):
-                    w = Wt[t, i]
-                    if w != 0:
-                        for j in range(n):
-                            P[t, j] += w * X[i, j]
+            # H step: P = W^T X [k, n], G = W^T W
+            _combine_rows(Wt, X, P)
             _dot_rows(Wt, Wt, G)
             viol += _sweep_rows(H, G, P, grad[:n], hess)
         if it == 1:

@@ -742,7 +742,8 @@ def _solve_kernel(
         mode = kernel.INIT_GIVEN
         H = torch.empty(B, k, n, dtype=X.dtype)
         Wt = torch.empty(B, k, m, dtype=X.dtype)
-        kernel.nndsvd_batch(Xn, Wt.numpy(), H.numpy(), init == "nndsvda")
+        with kernel.one_blas_thread():
+            kernel.nndsvd_batch(Xn, Wt.numpy(), H.numpy(), init == "nndsvda")
     elif Wt is None:
         mode = kernel.INIT_FLAT_W
         H = H.contiguous().clone()

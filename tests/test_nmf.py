@@ -172,8 +172,12 @@ def test_numba_kernel_matches_the_torch_solver(init):
     torch.testing.assert_close(a32.reconstruction_err, b32.reconstruction_err, rtol=1e-4, atol=1e-5)
 
 
-def test_numba_results_do_not_depend_on_threads_and_allow_concurrent_callers():
+def test_numba_results_do_not_depend_on_threads_and_allow_concurrent_callers(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
+
+    import circuits.nmf
+
+    monkeypatch.setattr(circuits.nmf, "_FLOPS_PER_THREAD", 1.0)  # a second thread even for this small problem
 
     X = _posneg_neurons(torch.randn(40, 16, 5, 5, generator=torch.Generator().manual_seed(2)))
     before = torch.get_num_threads()
