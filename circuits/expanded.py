@@ -2078,15 +2078,17 @@ def per_example_connections(
     to_layer = t.layer
 
     source, target_layout = geo.layouts
+    # Captum attributes to a module's output; the tap is called once, on from_layer's output
+    # of the named call (a module that runs several times has one 'module#k' per call)
+    tap = nn.Identity()
 
     def forward(inp: torch.Tensor) -> torch.Tensor:  # to_layer as [B, C, H, W] ([B, F] when dense)
-        out = run_until(model, inp, [to_layer])[to_layer]
+        with replace_activation(model, from_layer, tap):
+            out = run_until(model, inp, [to_layer])[to_layer]
         lay = target_layout.fit(tuple(out.shape[1:]))
         return out if lay.kind == "dense" else lay.canonical(out)
 
-    attr = LayerGradientXActivation(
-        forward, get_layer(model, from_layer), multiply_by_inputs=method == "gradient_x_activation"
-    )
+    attr = LayerGradientXActivation(forward, tap, multiply_by_inputs=method == "gradient_x_activation")
     target_index = t.channel if geo.whole else (t.channel, probe.position[0], probe.position[1])
     with torch.enable_grad():
         result = attr.attribute(x, target=target_index).detach()

@@ -27,7 +27,7 @@ from expanded_reference import (
 )
 
 import circuits.expanded as expanded_mod
-from circuits.expanded import connection_weights, expanded_weights
+from circuits.expanded import connection_weights, expanded_weights, per_example_connections
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -193,3 +193,40 @@ def test_convnext_head_freezes_layernorm2d_statistics():
     per_image = fc.weight.detach()[[3, 999]][None] * ln.weight.detach() * rstd[:, None, :]  # [R, 2, 768]
     assert_close(conn.weights, (per_image.mean(0) / 4)[:, :, None, None].expand(-1, -1, 2, 2))
     assert conn.weights.shape == (2, 768, 2, 2)
+
+
+def test_per_call_layers_of_a_module_that_runs_twice():
+    """ResNet blocks call one ``relu`` twice: ``relu#1 → relu#2`` is conv2 and eval-mode bn2, so the
+    expanded weights are conv2's kernel times bn2's scale; the bare name is refused with the choices."""
+    model = _model("resnet18")
+    block = model.layer1[0]
+    E = expanded_weights(model, "layer1.0.relu#1", "layer1.0.relu#2", input_shape=(3, SIZE, SIZE))
+    bn = block.bn2
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    assert_close(E, block.conv2.weight.detach() * scale[:, None, None, None])
+    conn = connection_weights(model, "layer1.0.relu#1", "layer1.0.relu#2", channels=[3], input_shape=(3, SIZE, SIZE))
+    assert conn.kind == "expanded" and torch.equal(conn.weights, E[[3]])
+    with pytest.raises(ValueError, match=r"'layer1.0.relu' runs 2 times in one forward pass; name one call: layer1.0.relu#1, layer1.0.relu#2"):
+        expanded_weights(model, "layer1.0.relu", "layer1.1", input_shape=(3, SIZE, SIZE))
+    # per example, with the real nonlinearities: the gradient at the first call's output, not the second's
+    x = _images(1, seed=7)
+    calls = []
+
+    def second_call_is_free(_m, _i, out):
+        calls.append(out)
+        if len(calls) == 1:
+            calls[0] = out.detach().requires_grad_(True)
+            return calls[0]
+        return None
+
+    h = block.relu.register_forward_hook(second_call_is_free)
+    try:
+        with torch.enable_grad():
+            model(x)
+            c = int(calls[1][0, :, 8, 8].argmax())  # a unit that is on there
+            (g,) = torch.autograd.grad(calls[1][0, c, 8, 8], calls[0])
+    finally:
+        h.remove()
+    pe = per_example_connections(model, x, "layer1.0.relu#1", f"layer1.0.relu#2:{c}@8,8")
+    assert pe.shape == (1, 64, 3, 3)
+    assert_close(pe[0], g[0, :, 7:10, 7:10])
