@@ -80,7 +80,10 @@ by a free tensor (:func:`circuits.layers.replace_activation`) holding **one copy
 channel in the batch dimension**; the forward pass runs only as far as ``to_layer``
 (:func:`circuits.layers.run_until`); the sum over copies of each copy's *own* channel at the
 centre is back-propagated **once**. Everything before ``from_layer`` runs on a single image
-(the batch is only expanded at ``from_layer``). The model input is as small as possible:
+(the batch is only expanded at ``from_layer``). Paths with attention (ViT, Swin) are the
+exception: their input size cannot shrink and their forward pass is mostly linear layers, so
+a copy per output channel would cost a forward pass each; there the path runs forward once
+(batch 1) and back-propagates once per output channel. The model input is as small as possible:
 starting from the model's input size (``input_shape``; with frozen ops the reference's
 size), we search the smallest input size whose result at the centre neuron is identical to
 the full-size result, i.e. whose ``from_layer`` map holds the whole receptive field of the
@@ -1717,9 +1720,15 @@ def _expanded(
     def layouts() -> tuple[Layout, Layout]:
         return geo.layouts
 
+    # With attention on the path (ViT, Swin) the input size cannot shrink and the forward pass is
+    # mostly linear layers: a copy of the free tensor per output channel would cost a forward
+    # pass each. There one forward pass (batch 1) and one backward pass per output channel are
+    # cheaper (the batched backward of ``is_grads_batched`` measured no faster on the CPU).
+    per_channel = any(f.op in _SOFTMAX + _ATTENTION for f in geo.frozen_ops)
+
     def compute(chunk: list[int], lazy: bool, frozen: _Recording | None) -> torch.Tensor:
         """``[n, in * kh * kw (+ P * in)]``: the cropped grid rows (and the prefix rows), flat."""
-        n = len(chunk)
+        n = 1 if per_channel else len(chunk)
 
         def make_free(out: torch.Tensor) -> torch.Tensor:
             return out.new_zeros((n, *out.shape[1:])).requires_grad_(True)
@@ -1733,10 +1742,18 @@ def _expanded(
                 xs = x.expand(n, *x.shape[1:])
                 run = _run_linear(model, xs, from_layer, to_layer, make_free, plan.policy, layouts, frozen, lazy=lazy)
             out = run.outputs(geo.to_token)
-            index = torch.tensor(chunk, device=out.device)
-            selected = out[torch.arange(n, device=out.device), index, y, xpos]
-            (grad,) = torch.autograd.grad(selected.sum(), run.free, allow_unused=True)
-        grad = torch.zeros_like(run.free) if grad is None else grad
+            if per_channel:
+                grads = [
+                    torch.autograd.grad(out[0, c, y, xpos], run.free, retain_graph=True, allow_unused=True)[0]
+                    for c in chunk
+                ]
+                grad = torch.cat([torch.zeros_like(run.free) if g is None else g for g in grads])
+            else:
+                index = torch.tensor(chunk, device=out.device)
+                selected = out[torch.arange(n, device=out.device), index, y, xpos]
+                (grad,) = torch.autograd.grad(selected.sum(), run.free, allow_unused=True)
+        if grad is None:
+            grad = run.free.new_zeros((len(chunk), *run.free.shape[1:]))
         grid, prefix = run.gradients(grad.detach())
         rows = _crop(grid, wy0, wx0, kh, kw).flatten(1)
         return rows if prefix is None else torch.cat([rows, prefix.flatten(1)], 1)
@@ -1752,8 +1769,8 @@ def _expanded(
     # The path was checked to be linear when planning, so convolutions on it skip their forward
     # computation (``lazy``). With all channels, the result is checked against the planning probe
     # (the same channels mixed with fixed weights) and recomputed the plain way on a mismatch.
-    flat = compute_all(True, progress)
-    if sorted(chans) == list(range(geo.to_shape[0])):
+    flat = compute_all(not per_channel, progress)
+    if not per_channel and sorted(chans) == list(range(geo.to_shape[0])):
         pattern = geo.pattern.flatten()
         if with_prefix:
             pattern = torch.cat([pattern, geo.prefix_pattern.flatten()])  # type: ignore[union-attr]
@@ -1815,9 +1832,11 @@ def expanded_weights(
     All output channels are computed in one backward pass per ``batch_size`` chunk (default:
     all at once) and reference image: ``from_layer``'s activation is replaced by a zero
     tensor with one copy per output channel in the batch, the forward stops at ``to_layer``,
-    and the sum of each copy's own centre output is back-propagated once. The input size is
-    the smallest that gives the same result as ``input_shape`` (``(C, H, W)``, default the
-    model's ``input_shape``) or, with frozen ops, as the reference's size (see the module docs).
+    and the sum of each copy's own centre output is back-propagated once (with attention on
+    the path: one forward pass, then one backward pass per output channel; see the module
+    docs). The input size is the smallest that gives the same result as ``input_shape``
+    (``(C, H, W)``, default the model's ``input_shape``) or, with frozen ops, as the
+    reference's size (see the module docs).
 
     Memory is about ``batch_size`` × the activations between the two layers at that size;
     ``progress=True`` shows a tqdm bar over the chunks.
