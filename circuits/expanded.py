@@ -80,7 +80,10 @@ by a free tensor (:func:`circuits.layers.replace_activation`) holding **one copy
 channel in the batch dimension**; the forward pass runs only as far as ``to_layer``
 (:func:`circuits.layers.run_until`); the sum over copies of each copy's *own* channel at the
 centre is back-propagated **once**. Everything before ``from_layer`` runs on a single image
-(the batch is only expanded at ``from_layer``). The model input is as small as possible:
+(the batch is only expanded at ``from_layer``). Paths with attention (ViT, Swin) are the
+exception: their input size cannot shrink and their forward pass is mostly linear layers, so
+a copy per output channel would cost a forward pass each; there the path runs forward once
+(batch 1) and back-propagates once per output channel. The model input is as small as possible:
 starting from the model's input size (``input_shape``; with frozen ops the reference's
 size), we search the smallest input size whose result at the centre neuron is identical to
 the full-size result, i.e. whose ``from_layer`` map holds the whole receptive field of the
@@ -104,9 +107,35 @@ centred on that footprint. **Dense layers**: a ``to_layer`` with activation ``[B
 (logits, a ``Linear`` output) has no position, so ``E[f, c1, y, x] = ∂ to_layer[f] / ∂
 from_layer[c1, y, x]`` covers ``from_layer``'s **whole map** at the input size used
 (``kh, kw`` = that map's size; ``crop`` takes a centred window of it); a dense
-``from_layer`` is a ``1 × 1`` map. Activations are viewed as ``[B, C, H, W]`` through a
-layout (``_layout_of``: 4-D maps as they are, 2-D features as ``1 × 1`` maps), the one
-place where channels-last and token layouts will plug in.
+``from_layer`` is a ``1 × 1`` map.
+
+**Layouts.** Both layers are read through their :class:`circuits.layouts.Layout` (detected
+from the model, overridable with :func:`circuits.layouts.set_layout`): ``[B, C, H, W]``
+maps as they are, channels-last ``[B, H, W, C]`` activations (Swin stages, ConvNeXt block
+internals) permuted, token activations ``[B, n_prefix + H·W, C]`` (ViT blocks) as their
+patch grid, dense ``[B, F]`` as ``1 × 1`` maps. So ``c1``, ``c2`` are always the feature
+axes and ``(dy, dx)`` offsets on the spatial or patch grid; the free tensor that replaces
+``from_layer`` is in the layer's own layout, and its gradient is read back through the
+same layout. The centre is :func:`circuits.layers.centre` of the grid, everywhere.
+
+* **ViT** (METHODS.md §7): ``E[d_out, d_in, dy, dx]`` on the patch grid at the centre patch
+  of ``to_layer``. Attention mixes all patches, so the footprint is the whole grid (no
+  border warning: there is nothing a larger input would add; the positional embedding
+  fixes the grid anyway). ``from_layer``'s class and register tokens are input rows of
+  their own, not positions: ``Connection.prefix_weights[d_out, p, d_in]`` (``p = 0`` the
+  class token: METHODS' ``E_cls``). ``to_token=k`` asks for ``to_layer``'s ``k``-th prefix
+  token (``0``: the class token, which the head reads) as the output instead: it has no
+  position, so, like a dense ``to_layer``, its weights cover ``from_layer``'s whole grid
+  (plus the prefix rows).
+* **Swin**: stages are channels-last ``[B, h, w, c]`` and read through their layout. The
+  window attention (shifted windows included) is frozen at the reference like any
+  attention: its pattern is recorded per window (Swin folds the windows into the batch,
+  ``[B · windows, heads, N, N]``; the recording keeps them per example), so the centre
+  patch's weights reach exactly the patches its window (and, in a shifted block, its
+  shifted window) let it see at the reference — the connections of the centre patch are
+  those of *its* windows, and a patch elsewhere, in another window position, may see a
+  differently shaped neighbourhood. The footprint is the bounding box of that support.
+* **Dense heads** after either (``to_layer`` = the logits) cover the whole grid, as for CNNs.
 
 **Known failure** (article, figures 11–12): where the nonlinear structure matters, e.g.
 boundary detectors that are excited on one side and inhibited on the other, excitation and
@@ -134,6 +163,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .layers import centre, check_channel, get_layer, parse_target, replace_activation, run_until
+from .layouts import Layout, get_layouts
 from .models import device_and_dtype
 from .wiring import adjacent_conv, layer_graph
 
@@ -566,8 +596,11 @@ class _Entry(NamedTuple):
     op: str
     kind: str  # "output", "statistics" or "attention pattern"
     values: dict[str, torch.Tensor]
-    batched: bool  # values have the reference batch as dim 0 (else shared by all examples)
+    batched: bool  # values have the op's batch as dim 0 (else shared by all examples)
     in_shape: tuple[int, ...]  # the op's first input, batch excluded
+    # rows of the op's batch per model example: 1, or e.g. the number of windows where a Swin
+    # block folds its windows into the batch ([B * windows, ...], example-major)
+    fold: int = 1
 
     @property
     def size_free(self) -> bool:
@@ -593,10 +626,10 @@ class _Recording:
         return all(self.entries[(f.module, f.op, f.call)].size_free for f in ops)
 
     def select(self, r: int) -> "_Recording":
-        """The values of reference image ``r`` alone (batch 1, broadcast over any batch)."""
+        """The values of reference image ``r`` alone (one example, replayed for any batch)."""
         out = {}
         for key, e in self.entries.items():
-            values = {k: v[r : r + 1] for k, v in e.values.items()} if e.batched else e.values
+            values = {k: v[r * e.fold : (r + 1) * e.fold] for k, v in e.values.items()} if e.batched else e.values
             out[key] = e._replace(values=values)
         return _Recording(out, 1)
 
@@ -719,8 +752,25 @@ def _frozen_mha(b: dict, pattern: torch.Tensor) -> tuple[torch.Tensor, Optional[
     return (out.squeeze(1) if unbatched else out), weights
 
 
-def _record_op(op: str, func: Callable, args: tuple, kwargs: dict) -> tuple[object, _Entry]:
-    """Run ``op`` as the original model does and record what freezing it needs."""
+def _record_op(op: str, func: Callable, args: tuple, kwargs: dict, n_images: int = 1) -> tuple[object, _Entry]:
+    """Run ``op`` as the original model does and record what freezing it needs, for a forward
+    pass of the model on ``n_images`` examples.
+
+    An op whose batch is a multiple ``n_images · k`` of the model's (a Swin block's window
+    attention runs on ``[B · windows, ...]``) is taken to hold ``k`` rows per example, example
+    by example; any other batch size means values shared by all examples (not per example).
+    """
+    out, entry = _record_values(op, func, args, kwargs)
+    if entry.batched:
+        batch = _split_batch(op, _first_input(args, kwargs))[0]
+        if batch % n_images:
+            entry = entry._replace(batched=False)
+        else:
+            entry = entry._replace(fold=batch // n_images)
+    return out, entry
+
+
+def _record_values(op: str, func: Callable, args: tuple, kwargs: dict) -> tuple[object, _Entry]:
     x = _first_input(args, kwargs)
     in_shape = _split_batch(op, x)[1]
     if op in _NORMS:
@@ -803,9 +853,10 @@ class _PolicyMode(TorchFunctionMode):
 class _RecordMode(_PolicyMode):
     """Runs the original model and records the values of every op the policy freezes."""
 
-    def __init__(self, policy: LinearisationPolicy, recording: bool = True):
+    def __init__(self, policy: LinearisationPolicy, recording: bool = True, n_images: int = 1):
         super().__init__(policy)
         self.recording = recording  # switched on by a hook once from_layer has run
+        self.n_images = n_images  # the model's batch on the reference pass
         self.entries: dict[_Key, _Entry] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -816,7 +867,7 @@ class _RecordMode(_PolicyMode):
         key = self._next_key(op)  # type: ignore[arg-type]
         if not self.recording:
             return func(*args, **kwargs)
-        out, entry = _record_op(op, func, args, kwargs)  # type: ignore[arg-type]
+        out, entry = _record_op(op, func, args, kwargs, self.n_images)  # type: ignore[arg-type]
         self.entries[key] = entry
         return out
 
@@ -1014,22 +1065,16 @@ class _LinearizeMode(_PolicyMode):
                 f"{shape} (batch excluded) but {entry.in_shape} on the reference pass; use "
                 "an input of the reference's size"
             )
-        if entry.batched:
-            n = next(iter(entry.values.values())).shape[0]
-            if n != 1 and n != batch:
-                raise ValueError(
-                    f"frozen values were recorded for {n} reference images but {op}(){self._where()} runs on a "
-                    f"batch of {batch}: use a batch of {n} or a single reference image"
-                )
+        values = self._batch_values(op, entry, batch) if entry.batched else entry.values
         self.replayed.setdefault(key, FrozenOp(key[0], op, key[2], entry.kind))
         if entry.kind == "statistics":
-            return _frozen_norm(op, _bind(_NORM_PARAMS[op], args, kwargs), entry.values)
+            return _frozen_norm(op, _bind(_NORM_PARAMS[op], args, kwargs), values)
         if op == "multi_head_attention_forward":
-            return _frozen_mha(_bind(_MHA_PARAMS, args, kwargs), entry.values["pattern"])
+            return _frozen_mha(_bind(_MHA_PARAMS, args, kwargs), values["pattern"])
         if entry.kind == "attention pattern":
             _, v = _attention_inputs(_bind(_SDPA_PARAMS, args, kwargs))
-            return entry.values["pattern"].to(v.dtype) @ v
-        const = entry.values["out"]
+            return values["pattern"].to(v.dtype) @ v
+        const = values["out"]
         self._constant_output = True
         if _is_inplace(op, name, args, kwargs):
             try:
@@ -1039,6 +1084,24 @@ class _LinearizeMode(_PolicyMode):
             except RuntimeError:  # e.g. a leaf that requires grad: no in-place, the value is what counts
                 pass
         return const.expand(x.shape[0], *const.shape[1:]) if const.shape[0] == 1 else const
+
+    def _batch_values(self, op: str, entry: _Entry, batch: int) -> dict[str, torch.Tensor]:
+        """The recorded per-example values for an op batch of ``batch`` rows: as recorded, or
+        one example's values repeated for every example (``fold`` rows each, example-major;
+        with ``fold == 1`` they broadcast)."""
+        rows = next(iter(entry.values.values())).shape[0]
+        if rows == batch:
+            return entry.values
+        if rows == entry.fold and batch % entry.fold == 0:
+            if entry.fold == 1:
+                return entry.values
+            reps = batch // entry.fold
+            return {k: v.repeat(reps, *([1] * (v.dim() - 1))) for k, v in entry.values.items()}
+        per = "" if entry.fold == 1 else f" ({entry.fold} rows of the op's batch per example)"
+        raise ValueError(
+            f"frozen values were recorded for {rows // entry.fold} reference images{per} but {op}(){self._where()} "
+            f"runs on a batch of {batch} rows: use a batch of {rows // entry.fold} examples or a single reference image"
+        )
 
     # -- the dispatch
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -1141,23 +1204,20 @@ def _record(
 ) -> _Recording:
     """Run the original model on ``images`` (as far as ``to_layer``) and record the values of
     the ops ``policy`` freezes (only those after ``from_layer``, when given)."""
-    mode = _RecordMode(policy, recording=from_layer is None)
-    handles = []
+    mode = _RecordMode(policy, recording=from_layer is None, n_images=images.shape[0])
 
-    def start(_m: nn.Module, _i: object, _o: object) -> None:
+    def start(out: torch.Tensor) -> torch.Tensor:
         mode.recording = True
+        return out
 
-    try:
-        if from_layer is not None:
-            handles.append(get_layer(model, from_layer).register_forward_hook(start))
+    with contextlib.ExitStack() as stack:
+        if from_layer is not None:  # a per-call name 'module#k' starts after that call
+            stack.enter_context(replace_activation(model, from_layer, start))
         with torch.no_grad(), _preserved_buffers(model), _module_tracking(model, mode), mode:
             if to_layer is None:
                 model(images)
             else:
                 run_until(model, images, [to_layer])
-    finally:
-        for h in handles:
-            h.remove()
     return _Recording(mode.entries, images.shape[0])
 
 
@@ -1215,51 +1275,47 @@ def _reference_shape(model: nn.Module, input_shape: Optional[Sequence[int]]) -> 
     return shape  # type: ignore[return-value]
 
 
-class _Layout(NamedTuple):
-    """How a layer's activation is viewed as ``[B, C, H, W]`` (and, through autograd, its
-    gradient): the one place where activation layouts plug in."""
-
-    name: str
-    to_nchw: Callable[[torch.Tensor], torch.Tensor]
-    dense: bool
+def _layouts(model: nn.Module, from_layer: str, to_layer: str, shape: tuple[int, int, int]) -> tuple[Layout, Layout]:
+    """The layouts (:mod:`circuits.layouts`) of both layers at input size ``shape``: how their
+    activations are viewed as ``[B, C, H, W]`` (and, through autograd, their gradients)."""
+    found = get_layouts(model, [from_layer, to_layer], input_shape=shape)
+    return found[from_layer], found[to_layer]
 
 
-_MAP_LAYOUT = _Layout("[batch, channels, h, w]", lambda t: t, False)
-_DENSE_LAYOUT = _Layout("[batch, features]", lambda t: t[:, :, None, None], True)
-
-
-def _channels_last(module: nn.Module, t: torch.Tensor) -> bool:
-    """A 4-D activation whose features are on the last axis, recognisable from its module alone
-    (a Linear or LayerNorm applied to a channels-last view, a permute to channels last)."""
-    if isinstance(module, nn.Linear):
-        return True
-    if type(module) is nn.LayerNorm:
-        return tuple(module.normalized_shape) == (t.shape[-1],)
-    return list(getattr(module, "dims", [])) == [0, 2, 3, 1]  # torchvision.ops.Permute
-
-
-def _layout_of(layer: str, t: torch.Tensor, role: str, module: Optional[nn.Module] = None) -> _Layout:
-    if t.dim() == 4 and module is not None and _channels_last(module, t):
+def _check_to_token(to_layer: str, target: Layout, to_token: Optional[int]) -> None:
+    if to_token is None:
+        return
+    if target.kind != "tokens" or target.n_prefix == 0:
         raise ValueError(
-            f"{role} {layer!r} is channels-last [batch, h, w, channels] (activation shape {tuple(t.shape)}); "
-            "expanded weights read [batch, channels, h, w]: pick the enclosing block's output instead"
+            f"to_token={to_token!r}: to_layer {to_layer!r} ({target}) has no prefix tokens; to_token picks a class/"
+            "register token of a token layer (ViT blocks); leave it out for the centre position"
         )
-    if t.dim() == 4:
-        return _MAP_LAYOUT
-    if t.dim() == 2:
-        return _DENSE_LAYOUT
-    raise ValueError(
-        "expanded weights connect layers whose activations are [batch, channels, h, w] or "
-        f"[batch, features]; {role} {layer!r} has activation shape {tuple(t.shape)} ({t.dim()}-D)"
-    )
+    if not isinstance(to_token, int) or not 0 <= to_token < target.n_prefix:
+        raise ValueError(
+            f"to_token={to_token!r} is not a prefix token of {to_layer!r}, which has {target.n_prefix} "
+            f"(valid: 0..{target.n_prefix - 1}; 0 is the class token)"
+        )
 
 
 class _Run(NamedTuple):
-    free: torch.Tensor  # leaf that replaced from_layer (its own layout)
-    out: torch.Tensor  # to_layer activation viewed [B, C2, h2, w2]
-    from_layout: _Layout
-    dense: bool  # to_layer is dense ([B, F], viewed as a 1x1 map)
+    free: torch.Tensor  # leaf that replaced from_layer (in its own layout)
+    out: torch.Tensor  # to_layer activation (in its own layout)
+    source: Layout  # from_layer's layout, fitted to this run's size
+    target: Layout  # to_layer's layout, fitted to this run's size
     frozen_ops: tuple[FrozenOp, ...]  # frozen ops that ran after from_layer
+
+    def outputs(self, to_token: Optional[int]) -> torch.Tensor:
+        """``[B, C2, h2, w2]``: to_layer on its grid; a dense layer or ``to_token`` (that prefix
+        token's features) as a ``1 × 1`` map."""
+        if to_token is not None:
+            return self.target.prefix(self.out)[:, to_token, :, None, None]
+        return self.target.canonical(self.out)
+
+    def gradients(self, grad: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A gradient w.r.t. the free tensor as ``([B, C1, h1, w1], [B, P, C1] or None)``: the
+        grid part and the prefix tokens' rows (``None`` when from_layer has none)."""
+        prefix = self.source.prefix(grad) if self.source.n_prefix else None
+        return self.source.canonical(grad), prefix
 
 
 def _run_linear(
@@ -1269,22 +1325,20 @@ def _run_linear(
     to_layer: str,
     make_free: Callable[[torch.Tensor], torch.Tensor],
     policy: LinearisationPolicy,
+    layouts: Callable[[], tuple[Layout, Layout]],
     frozen: _Recording | None = None,
     broadcast_batch: int | None = None,
     lazy: bool = False,
 ) -> _Run:
     """Forward ``x`` up to ``to_layer`` with ``from_layer``'s output replaced by ``make_free(out)``;
-    linearised from ``from_layer`` on (what runs before it is irrelevant to the result)."""
+    linearised from ``from_layer`` on (what runs before it is irrelevant to the result).
+    ``layouts()`` (from_layer's, to_layer's) are fitted to the activations of this run; it is
+    called after the run, so a run that stops early (a frozen op without a reference) costs no
+    layout detection."""
     mode = _LinearizeMode(policy, active=False, broadcast_batch=broadcast_batch, lazy=lazy, frozen=frozen)
     state: dict[str, Any] = {}
 
     def replace(out: torch.Tensor) -> torch.Tensor:
-        if "free" in state:
-            raise ValueError(
-                f"module {from_layer!r} runs more than once in one forward pass, so its output is not "
-                "a single layer; pick a module that runs once"
-            )
-        state["layout"] = _layout_of(from_layer, out, "from_layer", get_layer(model, from_layer))
         state["free"] = make_free(out)
         mode.mark_derived(state["free"])
         mode.active = True
@@ -1299,12 +1353,9 @@ def _run_linear(
             f"computes {to_layer!r} before {from_layer!r} runs"
         )
     out = acts[to_layer]
-    layout = _layout_of(to_layer, out, "to_layer", get_layer(model, to_layer))
-    return _Run(state["free"], layout.to_nchw(out), state["layout"], layout.dense, tuple(mode.replayed.values()))
-
-
-def _centre(out: torch.Tensor) -> tuple[int, int]:
-    return centre(out.shape[-2], out.shape[-1])
+    source, target = layouts()
+    source, target = source.fit(tuple(state["free"].shape[1:])), target.fit(tuple(out.shape[1:]))
+    return _Run(state["free"], out, source, target, tuple(mode.replayed.values()))
 
 
 def _not_downstream(from_layer: str, to_layer: str, frozen_ops: Sequence[FrozenOp] = ()) -> ValueError:
@@ -1322,10 +1373,12 @@ def _not_downstream(from_layer: str, to_layer: str, frozen_ops: Sequence[FrozenO
 
 
 class _Probe(NamedTuple):
-    grad: torch.Tensor  # [C1, h1, w1]
+    grad: torch.Tensor  # [C1, h1, w1]: from_layer's grid
+    prefix: Optional[torch.Tensor]  # [P, C1]: from_layer's prefix tokens (None: it has none)
     position: tuple[int, int]
-    to_shape: tuple[int, ...]  # (C2, h2, w2); (F, 1, 1) for a dense to_layer
-    dense: bool
+    to_shape: tuple[int, ...]  # (C2, h2, w2); (F, 1, 1) for a dense to_layer or a prefix token
+    whole: bool  # the output has no position (dense to_layer, or a prefix token): whole from_layer grid
+    source: Layout  # from_layer's layout at this size
     frozen_ops: tuple[FrozenOp, ...]
 
 
@@ -1336,13 +1389,16 @@ def _probe(
     hw: tuple[int, int],
     channels_in: int,
     policy: LinearisationPolicy,
+    layouts: Callable[[], tuple[Layout, Layout]],
     frozen: _Recording | None = None,
     position: tuple[int, int] | None = None,
     value_seed: int | None = 0,
+    to_token: Optional[int] = None,
 ) -> _Probe:
-    """Gradient ``[C1, h1, w1]`` of a fixed random mix of all to_layer channels at ``position``
-    (default: the centre) w.r.t. the from_layer activation (random with ``value_seed``, zeros
-    with ``None``), batch 1; also the position used and the to_layer shape."""
+    """Gradient ``[C1, h1, w1]`` (and ``[P, C1]`` on from_layer's prefix tokens) of a fixed
+    random mix of all to_layer channels at ``position`` (default: the centre; or prefix token
+    ``to_token``) w.r.t. the from_layer activation (random with ``value_seed``, zeros with
+    ``None``), batch 1; also the position used and the to_layer shape."""
     device, dtype = device_and_dtype(model)
     x = torch.zeros((1, channels_in, *hw), dtype=dtype, device=device)
 
@@ -1355,21 +1411,22 @@ def _probe(
         return free.detach().requires_grad_(True)
 
     with torch.enable_grad():
-        run = _run_linear(model, x, from_layer, to_layer, make_free, policy, frozen)
-        if run.dense and position is not None:
-            raise ValueError(f"{to_layer!r} is a dense layer [batch, features]: it has no position @y,x")
-        pos = _centre(run.out) if position is None else position
-        h2, w2 = run.out.shape[-2:]
-        if not (0 <= pos[0] < h2 and 0 <= pos[1] < w2):
-            raise ValueError(f"position {pos} is outside {to_layer!r}'s {h2}x{w2} map")
-        loss = (run.out[0, :, pos[0], pos[1]] * _mix(run.out.shape[1], run.out)).sum()
+        run = _run_linear(model, x, from_layer, to_layer, make_free, policy, layouts, frozen)
+        whole = to_token is not None or run.target.kind == "dense"
+        if position is not None:
+            run.target.check_position(to_layer, position)
+        out = run.outputs(to_token)
+        pos = centre(*out.shape[-2:]) if position is None else position
+        loss = (out[0, :, pos[0], pos[1]] * _mix(out.shape[1], out)).sum()
         if not loss.requires_grad:
             raise _not_downstream(from_layer, to_layer, run.frozen_ops)
         (grad,) = torch.autograd.grad(loss, run.free, allow_unused=True)
     if grad is None:
         raise _not_downstream(from_layer, to_layer, run.frozen_ops)
-    grad = run.from_layout.to_nchw(grad)
-    return _Probe(grad[0].detach(), pos, tuple(run.out.shape[1:]), run.dense, run.frozen_ops)
+    grid, prefix = run.gradients(grad.detach())
+    return _Probe(
+        grid[0], None if prefix is None else prefix[0], pos, tuple(out.shape[1:]), whole, run.source, run.frozen_ops
+    )
 
 
 def _mix(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -1399,15 +1456,18 @@ def _crop(t: torch.Tensor, y0: int, x0: int, kh: int, kw: int) -> torch.Tensor:
 @dataclass(frozen=True, eq=False)
 class _Geometry:
     hw: tuple[int, int]  # model input size used for the computation
-    centre: tuple[int, int]  # the neuron's position in to_layer at that size ((0, 0) when dense)
+    centre: tuple[int, int]  # the neuron's position in to_layer at that size ((0, 0) when whole)
     window: tuple[int, int, int, int]  # (y0, x0, kh, kw) in from_layer at that size
     box: tuple[int, int]  # footprint size (bh, bw)
     window_offset: tuple[int, int]  # window origin minus footprint origin
     to_shape: tuple[int, ...]  # (C2, h2, w2) at that size
     from_channels: int  # model input channels
     pattern: torch.Tensor  # [C1, kh, kw]: the probe (all to_layer channels mixed by _mix), cropped
-    dense: bool = False  # to_layer is dense: the window is from_layer's whole map
+    layouts: tuple[Layout, Layout]  # from_layer's and to_layer's, at the planning size
+    whole: bool = False  # the output has no position (dense to_layer, prefix token): whole from_layer grid
     frozen_ops: tuple[FrozenOp, ...] = ()  # frozen ops between from_layer and to_layer
+    prefix_pattern: Optional[torch.Tensor] = None  # [P, C1]: the probe on from_layer's prefix tokens
+    to_token: Optional[int] = None  # the output is to_layer's prefix token (None: its centre)
 
 
 _GEOMETRY_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -1436,6 +1496,11 @@ def _training_key(model: nn.Module) -> tuple[str, ...]:
     return tuple(name for name, m in model.named_modules() if m.training)
 
 
+def _flat(p: _Probe) -> torch.Tensor:
+    """A probe's gradient, grid and prefix rows, as one vector."""
+    return p.grad.flatten() if p.prefix is None else torch.cat([p.grad.flatten(), p.prefix.flatten()])
+
+
 def _plan(
     model: nn.Module,
     from_layer: str,
@@ -1445,6 +1510,7 @@ def _plan(
     policy: LinearisationPolicy,
     frozen: _Recording | None = None,
     reference_key: str | None = None,
+    to_token: Optional[int] = None,
 ) -> _Geometry:
     """Where to compute (input size, centre, window), checked linear; cached. With ``frozen``
     values (one set per reference image) the probe pattern is the mean over the references,
@@ -1452,22 +1518,37 @@ def _plan(
     :class:`_NeedsReference` when a frozen op is on the path and ``frozen`` is ``None``."""
     c, h, w = shape
     crop_hw = _normalise_crop(crop)
-    key = (from_layer, to_layer, (c, h, w), crop_hw, policy.key, reference_key, _training_key(model))
+    key = (from_layer, to_layer, (c, h, w), crop_hw, policy.key, reference_key, _training_key(model), to_token)
     cache = _GEOMETRY_CACHE.setdefault(model, {})
-    if key in cache:
-        return cache[key]
+    hit = cache.get(key)
+    if hit is not None and hit.layouts == _layouts(model, from_layer, to_layer, shape):  # set_layout may have changed them
+        return hit
+    found: list[tuple[Layout, Layout]] = []
+
+    def layouts() -> tuple[Layout, Layout]:  # detected once the first probe gets that far
+        if not found:
+            found.append(_layouts(model, from_layer, to_layer, shape))
+            _check_to_token(to_layer, found[0][1], to_token)
+        return found[0]
+
+    def probe(hw: tuple[int, int], values: _Recording | None, value_seed: int | None = 0) -> _Probe:
+        return _probe(model, from_layer, to_layer, hw, c, policy, layouts, values, value_seed=value_seed, to_token=to_token)
 
     refs = [None] if frozen is None else [frozen.select(r) for r in range(frozen.n)]
-    first = _probe(model, from_layer, to_layer, (h, w), c, policy, refs[0])
+    first = probe((h, w), refs[0])
     # The size search needs a map that does not depend on the input size: nothing frozen, or
-    # only values per channel (SE gates, group/instance/batch norm statistics). It compares
-    # reference image 0 only: the others replay the same ops with other constants.
-    search = not first.dense and (frozen is None or frozen.size_free(first.frozen_ops))
-    probes = [first] if search else [first] + [_probe(model, from_layer, to_layer, (h, w), c, policy, f) for f in refs[1:]]
+    # only values per channel (SE gates, group/instance/batch norm statistics); and no prefix
+    # tokens (their rows sum over the whole grid). It compares reference image 0 only: the
+    # others replay the same ops with other constants.
+    search = not first.whole and first.prefix is None and (frozen is None or frozen.size_free(first.frozen_ops))
+    probes = [first] if search else [first] + [probe((h, w), f) for f in refs[1:]]
     grads = torch.stack([p.grad for p in probes])
     ref = grads.mean(0) if len(probes) > 1 else grads[0]
+    prefix = None if first.prefix is None else torch.stack([p.prefix for p in probes]).mean(0)  # type: ignore[misc]
     h1, w1 = ref.shape[-2:]
-    box = (0, h1, 0, w1) if first.dense else _support_box(grads.abs().amax(0))
+    box = (0, h1, 0, w1) if first.whole else _support_box(grads.abs().amax(0))
+    if box is None and prefix is not None and bool((prefix != 0).any()):
+        box = (0, h1, 0, w1)  # only the prefix tokens reach the output: the grid rows are zeros
     if box is None:
         raise _not_downstream(from_layer, to_layer, first.frozen_ops)
     by0, by1, bx0, bx1 = box
@@ -1477,7 +1558,9 @@ def _plan(
     else:
         kh, kw = crop_hw
         oy, ox = (by0 + by1 - 1) // 2 - (kh - 1) // 2 - by0, (bx0 + bx1 - 1) // 2 - (kw - 1) // 2 - bx0
-    if not first.dense and (by0 == 0 or bx0 == 0 or by1 == h1 or bx1 == w1):
+    # token models attend over the whole grid by design: there, reaching the border says nothing
+    global_by_design = "tokens" in (layouts()[0].kind, layouts()[1].kind)
+    if not first.whole and not global_by_design and (by0 == 0 or bx0 == 0 or by1 == h1 or bx1 == w1):
         warnings.warn(
             f"the receptive field of {to_layer!r}'s centre neuron reaches the border of {from_layer!r} "
             f"at input size {h}x{w}; the expanded weights are clipped there (pass a larger input_shape"
@@ -1488,16 +1571,16 @@ def _plan(
     tol = _TOLERANCE * float(pattern.abs().max())
     geometry = _Geometry(
         (h, w), first.position, (by0 + oy, bx0 + ox, kh, kw), (bh, bw), (oy, ox), first.to_shape, c, pattern,
-        first.dense, first.frozen_ops,
+        layouts(), first.whole, first.frozen_ops, prefix, to_token,
     )
-    accepted = first.grad
+    accepted = first
     if search:
         # start the search where the from_layer map is about as large as the footprint
         need, ratio = max(bh, kh), h1 / h
         candidates = [hw for hw in _candidate_sizes(h, w) if hw[0] * ratio >= need - 2]
         for hw in candidates:
             try:
-                p = _probe(model, from_layer, to_layer, hw, c, policy, refs[0])
+                p = probe(hw, refs[0])
             except UnsupportedNonlinearityError:
                 raise
             except (RuntimeError, ValueError):  # too small for some layer on the way
@@ -1507,19 +1590,17 @@ def _plan(
                 continue
             window = (b[0] + oy, b[2] + ox, kh, kw)
             if float((_crop(p.grad, *window) - pattern).abs().max()) <= tol:
-                geometry = _Geometry(
-                    hw, p.position, window, (bh, bw), (oy, ox), p.to_shape, c, _crop(p.grad, *window), False,
-                    first.frozen_ops,
-                )
-                accepted = p.grad
+                geometry = dataclasses.replace(geometry, hw=hw, centre=p.position, window=window, to_shape=p.to_shape,
+                                               pattern=_crop(p.grad, *window))
+                accepted = p
                 break
         if len(refs) > 1:  # the probe of the result (checked after computing it): mean over the references
-            others = [_probe(model, from_layer, to_layer, geometry.hw, c, policy, f).grad for f in refs[1:]]
+            others = [probe(geometry.hw, f).grad for f in refs[1:]]
             mixed = torch.stack([geometry.pattern] + [_crop(g, *geometry.window) for g in others]).mean(0)
             geometry = dataclasses.replace(geometry, pattern=mixed)
     # linearity: the gradient must not depend on the free tensor's value (random above, zeros here)
-    g0 = _probe(model, from_layer, to_layer, geometry.hw, c, policy, refs[0], value_seed=None).grad
-    if float((g0 - accepted).abs().max()) > _TOLERANCE * float(g0.abs().max()) + 1e-12:
+    g0 = _flat(probe(geometry.hw, refs[0], value_seed=None))
+    if float((g0 - _flat(accepted)).abs().max()) > _TOLERANCE * float(g0.abs().max()) + 1e-12:
         raise UnsupportedNonlinearityError(
             f"the path from {from_layer!r} to {to_layer!r} is not linear after linearisation (its "
             "gradient depends on the activation): the model uses a nonlinear operation that "
@@ -1544,6 +1625,7 @@ def _plan_for(
     crop: Union[int, Sequence[int], None],
     policy: Union[str, Mapping[Any, str], LinearisationPolicy],
     reference: object,
+    to_token: Optional[int] = None,
 ) -> _Plan:
     """The plan without a reference when nothing on the path is frozen; else the reference's
     values, recorded afresh (they depend on the weights), and the plan at its size."""
@@ -1553,10 +1635,12 @@ def _plan_for(
     pol = LinearisationPolicy.of(policy)
     shape = _reference_shape(model, input_shape)
     cache = _GEOMETRY_CACHE.setdefault(model, {})
-    needs_key = ("needs a reference", from_layer, to_layer, shape, _normalise_crop(crop), pol.key, _training_key(model))
+    needs_key = (
+        "needs a reference", from_layer, to_layer, shape, _normalise_crop(crop), pol.key, _training_key(model), to_token
+    )
     if needs_key not in cache:
         try:
-            return _Plan(_plan(model, from_layer, to_layer, shape, crop, pol), pol, None, None)
+            return _Plan(_plan(model, from_layer, to_layer, shape, crop, pol, to_token=to_token), pol, None, None)
         except _NeedsReference:
             cache[needs_key] = True
     ref = _as_reference(model, reference, shape)
@@ -1567,7 +1651,8 @@ def _plan_for(
         )
     device, dtype = device_and_dtype(model)
     frozen = _record(model, ref.images.to(device=device, dtype=dtype), pol, from_layer, to_layer)
-    return _Plan(_plan(model, from_layer, to_layer, ref.shape, crop, pol, frozen, ref.key), pol, frozen, ref)
+    geometry = _plan(model, from_layer, to_layer, ref.shape, crop, pol, frozen, ref.key, to_token)
+    return _Plan(geometry, pol, frozen, ref)
 
 
 # --------------------------------------------------------------------------- expanded weights
@@ -1596,6 +1681,12 @@ PolicySpec = Union[str, Mapping[Any, str], LinearisationPolicy]
 ReferenceSpec = Union[Reference, torch.Tensor, "torch.utils.data.DataLoader", None]
 
 
+class _Result(NamedTuple):
+    weights: torch.Tensor  # [out, in, kh, kw]
+    prefix_weights: Optional[torch.Tensor]  # [out, P, in]: from_layer's prefix tokens (None: it has none)
+    plan: _Plan
+
+
 def _expanded(
     model: nn.Module,
     from_layer: str,
@@ -1607,8 +1698,9 @@ def _expanded(
     progress: bool,
     policy: PolicySpec,
     reference: ReferenceSpec,
-) -> tuple[torch.Tensor, _Plan]:
-    plan = _plan_for(model, from_layer, to_layer, input_shape, crop, policy, reference)
+    to_token: Optional[int] = None,
+) -> _Result:
+    plan = _plan_for(model, from_layer, to_layer, input_shape, crop, policy, reference, to_token)
     geo = plan.geometry
     chans = _channel_list(to_layer, channels, geo.to_shape[0])
     if batch_size is None:
@@ -1623,9 +1715,20 @@ def _expanded(
     chunks = [chans[i : i + batch_size] for i in range(0, len(chans), batch_size)]
     tasks = [(r, i) for r in range(len(refs)) for i in range(len(chunks))]
     desc = f"expanded weights {from_layer}→{to_layer}"
+    with_prefix = geo.prefix_pattern is not None
+
+    def layouts() -> tuple[Layout, Layout]:
+        return geo.layouts
+
+    # With attention on the path (ViT, Swin) the input size cannot shrink and the forward pass is
+    # mostly linear layers: a copy of the free tensor per output channel would cost a forward
+    # pass each. There one forward pass (batch 1) and one backward pass per output channel are
+    # cheaper (the batched backward of ``is_grads_batched`` measured no faster on the CPU).
+    per_channel = any(f.op in _SOFTMAX + _ATTENTION for f in geo.frozen_ops)
 
     def compute(chunk: list[int], lazy: bool, frozen: _Recording | None) -> torch.Tensor:
-        n = len(chunk)
+        """``[n, in * kh * kw (+ P * in)]``: the cropped grid rows (and the prefix rows), flat."""
+        n = 1 if per_channel else len(chunk)
 
         def make_free(out: torch.Tensor) -> torch.Tensor:
             return out.new_zeros((n, *out.shape[1:])).requires_grad_(True)
@@ -1633,16 +1736,27 @@ def _expanded(
         with torch.enable_grad():
             try:
                 run = _run_linear(
-                    model, x, from_layer, to_layer, make_free, plan.policy, frozen, broadcast_batch=n, lazy=lazy
+                    model, x, from_layer, to_layer, make_free, plan.policy, layouts, frozen, broadcast_batch=n, lazy=lazy
                 )
             except RuntimeError:  # something other than a concatenation mixed batch 1 and batch n
                 xs = x.expand(n, *x.shape[1:])
-                run = _run_linear(model, xs, from_layer, to_layer, make_free, plan.policy, frozen, lazy=lazy)
-            index = torch.tensor(chunk, device=run.out.device)
-            selected = run.out[torch.arange(n, device=run.out.device), index, y, xpos]
-            (grad,) = torch.autograd.grad(selected.sum(), run.free, allow_unused=True)
-        grad = torch.zeros_like(run.free) if grad is None else grad
-        return _crop(run.from_layout.to_nchw(grad.detach()), wy0, wx0, kh, kw)
+                run = _run_linear(model, xs, from_layer, to_layer, make_free, plan.policy, layouts, frozen, lazy=lazy)
+            out = run.outputs(geo.to_token)
+            if per_channel:
+                grads = [
+                    torch.autograd.grad(out[0, c, y, xpos], run.free, retain_graph=True, allow_unused=True)[0]
+                    for c in chunk
+                ]
+                grad = torch.cat([torch.zeros_like(run.free) if g is None else g for g in grads])
+            else:
+                index = torch.tensor(chunk, device=out.device)
+                selected = out[torch.arange(n, device=out.device), index, y, xpos]
+                (grad,) = torch.autograd.grad(selected.sum(), run.free, allow_unused=True)
+        if grad is None:
+            grad = run.free.new_zeros((len(chunk), *run.free.shape[1:]))
+        grid, prefix = run.gradients(grad.detach())
+        rows = _crop(grid, wy0, wx0, kh, kw).flatten(1)
+        return rows if prefix is None else torch.cat([rows, prefix.flatten(1)], 1)
 
     def compute_all(lazy: bool, show: bool) -> torch.Tensor:
         rows: list[Optional[torch.Tensor]] = [None] * len(chunks)
@@ -1655,18 +1769,24 @@ def _expanded(
     # The path was checked to be linear when planning, so convolutions on it skip their forward
     # computation (``lazy``). With all channels, the result is checked against the planning probe
     # (the same channels mixed with fixed weights) and recomputed the plain way on a mismatch.
-    result = compute_all(True, progress)
-    if sorted(chans) == list(range(geo.to_shape[0])):
-        mixed = torch.einsum("c,cihw->ihw", _mix(len(chans), result)[chans], result)
-        scale = float(geo.pattern.abs().max())
-        if float((mixed - geo.pattern).abs().max()) > 10 * _TOLERANCE * scale + 1e-12:
-            result = compute_all(False, progress)
-    if not torch.isfinite(result).all():
+    flat = compute_all(not per_channel, progress)
+    if not per_channel and sorted(chans) == list(range(geo.to_shape[0])):
+        pattern = geo.pattern.flatten()
+        if with_prefix:
+            pattern = torch.cat([pattern, geo.prefix_pattern.flatten()])  # type: ignore[union-attr]
+        mixed = _mix(len(chans), flat)[chans] @ flat
+        scale = float(pattern.abs().max())
+        if float((mixed - pattern).abs().max()) > 10 * _TOLERANCE * scale + 1e-12:
+            flat = compute_all(False, progress)
+    if not torch.isfinite(flat).all():
         raise ValueError(
             f"expanded weights {from_layer}→{to_layer} contain NaN or Inf (frozen values at the reference "
             f"{plan.reference} may be degenerate, e.g. a zero variance)"
         )
-    return result, plan
+    n_in = geo.pattern.shape[0]
+    weights = flat[:, : n_in * kh * kw].reshape(len(chans), n_in, kh, kw)
+    prefix_weights = flat[:, n_in * kh * kw :].reshape(len(chans), -1, n_in) if with_prefix else None
+    return _Result(weights, prefix_weights, plan)
 
 
 def expanded_weights(
@@ -1680,6 +1800,7 @@ def expanded_weights(
     progress: bool = False,
     policy: PolicySpec = "default",
     reference: ReferenceSpec = None,
+    to_token: Optional[int] = None,
 ) -> torch.Tensor:
     """Expanded weights ``[out, in, kh, kw]`` from ``from_layer`` to ``to_layer`` (linearised).
 
@@ -1691,6 +1812,13 @@ def expanded_weights(
     footprint is centred on the neuron, so ``E[..., kh//2, kw//2]`` is the same position.
     A dense ``to_layer`` (``[B, F]``, e.g. the logits) gives ``[F, in, h, w]`` over
     ``from_layer``'s whole ``h × w`` map (see the module docs).
+
+    Any layout (:mod:`circuits.layouts`): channels-last layers (Swin stages) and token layers
+    (ViT blocks) are read on their spatial or patch grid, ``in``/``out`` being their feature
+    axes. From a token layer, the rows of its class/register tokens are not positions; they
+    are in :attr:`Connection.prefix_weights` (:func:`connection_weights`). ``to_token=k``
+    connects to ``to_layer``'s ``k``-th prefix token (``0``: the class token) instead of its
+    centre patch: like a dense layer, over ``from_layer``'s whole grid.
 
     The model is linearised from ``from_layer`` on with ``policy`` (``"default"``,
     ``"article"`` or a mapping; see :func:`linearized` and :class:`LinearisationPolicy`), so
@@ -1704,23 +1832,25 @@ def expanded_weights(
     All output channels are computed in one backward pass per ``batch_size`` chunk (default:
     all at once) and reference image: ``from_layer``'s activation is replaced by a zero
     tensor with one copy per output channel in the batch, the forward stops at ``to_layer``,
-    and the sum of each copy's own centre output is back-propagated once. The input size is
-    the smallest that gives the same result as ``input_shape`` (``(C, H, W)``, default the
-    model's ``input_shape``) or, with frozen ops, as the reference's size (see the module docs).
+    and the sum of each copy's own centre output is back-propagated once (with attention on
+    the path: one forward pass, then one backward pass per output channel; see the module
+    docs). The input size is the smallest that gives the same result as ``input_shape``
+    (``(C, H, W)``, default the model's ``input_shape``) or, with frozen ops, as the
+    reference's size (see the module docs).
 
     Memory is about ``batch_size`` × the activations between the two layers at that size;
     ``progress=True`` shows a tqdm bar over the chunks.
 
     Raises:
         UnknownLayerError: a layer name the model does not have.
-        ValueError: ``to_layer`` not downstream of ``from_layer``; a layer that is neither
-            ``[B, C, H, W]`` nor ``[B, F]``; a bad channel, ``crop``, ``input_shape``,
-            ``policy`` or ``reference``; NaN/Inf in the result.
+        ValueError: ``to_layer`` not downstream of ``from_layer``; a layer with no layout (see
+            :func:`circuits.layouts.set_layout`); a bad channel, ``crop``, ``input_shape``,
+            ``policy``, ``reference`` or ``to_token``; NaN/Inf in the result.
         UnsupportedNonlinearityError: a nonlinear op on the path that the policy refuses.
     """
     return _expanded(
-        model, from_layer, to_layer, channels, crop, input_shape, batch_size, progress, policy, reference
-    )[0]
+        model, from_layer, to_layer, channels, crop, input_shape, batch_size, progress, policy, reference, to_token
+    ).weights
 
 
 # --------------------------------------------------------------------------- direct connections
@@ -1738,11 +1868,25 @@ class Connection:
     :class:`Reference` whose Jacobians were averaged); both are empty/``None`` when nothing
     on the path is frozen, and then the weights depend on no input.
 
+    Token layers (:mod:`circuits.layouts` kind ``"tokens"``, ViT blocks): ``weights`` are on
+    ``from_layer``'s patch grid, and the class/register tokens of ``from_layer`` are input
+    rows of their own, ``prefix_weights[out, p, in] = ∂ to_layer[out, centre] / ∂
+    from_layer[token p, in]`` (``[out, n_prefix, in]``; ``None`` when ``from_layer`` has no
+    prefix tokens). Token ``p = 0`` is the class token in torchvision's and timm's ViTs
+    (timm: then the register tokens); :attr:`class_token_weights` is ``prefix_weights[:, 0]``,
+    METHODS.md's ``E_cls[d_out, d_in]``. ``to_token`` is ``None`` when the rows are
+    ``to_layer``'s centre position (or a dense layer's features), else the prefix token of
+    ``to_layer`` they belong to (``0``: the class token); such a token has no position, so
+    ``weights`` then cover ``from_layer``'s whole grid, as for a dense ``to_layer``.
+
     Example:
         >>> c = connection_weights(model, "features.2.0", "features.2.1")    # doctest: +SKIP
         >>> c.weights.shape, [str(f) for f in c.frozen], str(c.reference)    # doctest: +SKIP
         ((24, 24, 5, 5), ['features.2.1.block.2.scale_activation: sigmoid()#0 output'],
          'smooth noise: 4 images 3x224x224, seed 0')
+        >>> v = connection_weights(vit, "encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1")  # doctest: +SKIP
+        >>> v.weights.shape, v.prefix_weights.shape, v.class_token_weights.shape  # doctest: +SKIP
+        ((32, 32, 4, 4), (32, 1, 32), (32, 32))
     """
 
     weights: torch.Tensor
@@ -1753,7 +1897,19 @@ class Connection:
     policy: str = "default"
     frozen: tuple[FrozenOp, ...] = ()
     reference: Optional[Reference] = None
+    prefix_weights: Optional[torch.Tensor] = None
+    to_token: Optional[int] = None
 
+    @property
+    def class_token_weights(self) -> torch.Tensor:
+        """``[out, in]``: the rows of ``from_layer``'s first prefix token (the class token of a
+        ViT), ``prefix_weights[:, 0]``."""
+        if self.prefix_weights is None or self.prefix_weights.shape[1] == 0:
+            raise ValueError(
+                f"from_layer {self.from_layer!r} has no class or register tokens, so this connection has no "
+                "class-token rows (prefix_weights is None); only token layers (ViT blocks) have them"
+            )
+        return self.prefix_weights[:, 0]
 
 
 
@@ -1767,6 +1923,7 @@ def connection_weights(
     batch_size: Optional[int] = None,
     policy: PolicySpec = "default",
     reference: ReferenceSpec = None,
+    to_token: Optional[int] = None,
 ) -> Connection:
     """The weights from ``from_layer`` to ``to_layer``: direct kernel if adjacent, else expanded.
 
@@ -1780,7 +1937,9 @@ def connection_weights(
     (several layers, concatenations, pooling, batch norm between) gives
     :func:`expanded_weights` with ``policy`` and ``reference`` (``kind="expanded"``), and the
     result says which ops were frozen at which reference. The two agree for adjacent
-    stride-1 convs.
+    stride-1 convs. From a token layer (ViT block), the class/register tokens' rows are in
+    ``prefix_weights``; ``to_token`` picks a prefix token of ``to_layer`` as the output (see
+    :class:`Connection` and :func:`expanded_weights`).
     """
     pol = LinearisationPolicy.of(policy)
     trace_shape = input_shape  # the tracing pass runs at the given size, else the reference's, else the model's
@@ -1791,18 +1950,19 @@ def connection_weights(
     ref_shape = _reference_shape(model, trace_shape)
     if from_layer == to_layer:
         raise ValueError(f"from_layer and to_layer are the same layer {from_layer!r}")
-    with _preserved_buffers(model):  # the tracing pass must not move training-mode batch-norm statistics
-        conv = adjacent_conv(model, from_layer, to_layer, layer_graph(model, ref_shape))
+    conv = None
+    if to_token is None:
+        with _preserved_buffers(model):  # the tracing pass must not move training-mode batch-norm statistics
+            conv = adjacent_conv(model, from_layer, to_layer, layer_graph(model, ref_shape))
     chan_tuple = None if channels is None else tuple(_as_int_list(channels))
     if conv is not None:
         chans = _channel_list(to_layer, channels, conv.out_channels)
         weights = conv.weight.detach()[chans].clone()
         return Connection(weights, "direct", from_layer, to_layer, chan_tuple, pol.describe())
-    weights, plan = _expanded(
-        model, from_layer, to_layer, channels, crop, input_shape, batch_size, False, pol, reference
-    )
+    res = _expanded(model, from_layer, to_layer, channels, crop, input_shape, batch_size, False, pol, reference, to_token)
     return Connection(
-        weights, "expanded", from_layer, to_layer, chan_tuple, pol.describe(), plan.geometry.frozen_ops, plan.reference
+        res.weights, "expanded", from_layer, to_layer, chan_tuple, pol.describe(), res.plan.geometry.frozen_ops,
+        res.plan.reference, res.prefix_weights, to_token,
     )
 
 
@@ -1890,6 +2050,9 @@ def per_example_connections(
             ``preprocess=True``.
         target: ``"layer:channel"`` (the centre of the map) or ``"layer:channel@y,x"``; on a
             dense layer (``[B, F]``, e.g. the logits) ``"layer:feature"``, over the whole map.
+            Any layout (:mod:`circuits.layouts`): ``channel`` is the feature axis, ``@y,x`` a
+            position on the spatial or patch grid; the result is on ``from_layer``'s grid (a
+            token layer's class/register tokens are left out).
 
     The window is the neuron's receptive-field footprint at that position (the same
     ``[kh, kw]`` as :func:`expanded_weights`; zeros where it leaves the map at borders).
@@ -1918,8 +2081,8 @@ def per_example_connections(
     geo = plan.geometry
     check_channel(t.layer, t.channel, geo.to_shape[0])
     frozen = None if plan.frozen is None else plan.frozen.select(0)
-    probe = _probe(model, from_layer, t.layer, (h, w), c, plan.policy, frozen, position=t.position)
-    if geo.dense:
+    probe = _probe(model, from_layer, t.layer, (h, w), c, plan.policy, lambda: geo.layouts, frozen, position=t.position)
+    if geo.whole:
         by0, bx0 = 0, 0
     else:
         box = _support_box(probe.grad)
@@ -1933,14 +2096,20 @@ def per_example_connections(
     (oy, ox), (_, _, kh, kw) = geo.window_offset, geo.window
     to_layer = t.layer
 
-    def forward(inp: torch.Tensor) -> torch.Tensor:
-        return run_until(model, inp, [to_layer])[to_layer]
+    source, target_layout = geo.layouts
+    # Captum attributes to a module's output; the tap is called once, on from_layer's output
+    # of the named call (a module that runs several times has one 'module#k' per call)
+    tap = nn.Identity()
 
-    attr = LayerGradientXActivation(
-        forward, get_layer(model, from_layer), multiply_by_inputs=method == "gradient_x_activation"
-    )
-    target_index = t.channel if geo.dense else (t.channel, probe.position[0], probe.position[1])
+    def forward(inp: torch.Tensor) -> torch.Tensor:  # to_layer as [B, C, H, W] ([B, F] when dense)
+        with replace_activation(model, from_layer, tap):
+            out = run_until(model, inp, [to_layer])[to_layer]
+        lay = target_layout.fit(tuple(out.shape[1:]))
+        return out if lay.kind == "dense" else lay.canonical(out)
+
+    attr = LayerGradientXActivation(forward, tap, multiply_by_inputs=method == "gradient_x_activation")
+    target_index = t.channel if geo.whole else (t.channel, probe.position[0], probe.position[1])
     with torch.enable_grad():
-        result = attr.attribute(x, target=target_index)
-    result = _crop(result.detach(), by0 + oy, bx0 + ox, kh, kw)
+        result = attr.attribute(x, target=target_index).detach()
+    result = _crop(source.fit(tuple(result.shape[1:])).canonical(result), by0 + oy, bx0 + ox, kh, kw)
     return result[0] if single else result

@@ -231,7 +231,7 @@ def adjacent_conv(
     conv = conv_from_upstream(layer)
     if conv is not None:
         return conv
-    if isinstance(modules[layer], ELEMENTWISE_MODULES) and len(here.inputs) == 1:
+    if isinstance(get_layer(model, layer), ELEMENTWISE_MODULES) and len(here.inputs) == 1:  # 'module#k' too
         for name in graph.producers.get(here.inputs[0], []):
             conv = conv_from_upstream(name)
             if conv is not None:

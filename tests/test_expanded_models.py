@@ -17,8 +17,17 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
+from expanded_reference import (
+    Constant,
+    assert_close,
+    frozen_layer_norm,
+    per_channel_jacobian,
+    replace_module,
+    support,
+)
+
 import circuits.expanded as expanded_mod
-from circuits.expanded import connection_weights, expanded_weights
+from circuits.expanded import connection_weights, expanded_weights, per_example_connections
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,22 +62,6 @@ def _images(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, SIZE, SIZE, generator=g) + 2 * torch.randn(n, 3, 1, 1, generator=g)
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-class _Constant(nn.Module):
-    """``x * scale + shift`` with stored constants: a frozen op."""
-
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor | float = 0.0):
-        super().__init__()
-        self.scale, self.shift = scale, shift
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.shift
-
-
 def _recorded(model: nn.Module, images: torch.Tensor) -> tuple[dict, dict]:
     """SE gates ``{se_name: [R, C, 1, 1]}`` and LayerNorm inputs ``{ln_name: [R, ...]}`` of the
     original model on ``images``."""
@@ -94,63 +87,22 @@ def _hand_frozen(model: nn.Module, gates: dict, ln_inputs: dict, r: int) -> nn.M
     frozen = copy.deepcopy(model)
     for name, m in list(frozen.named_modules()):
         if isinstance(m, RELU_LIKE):
-            _replace(frozen, name, nn.Identity())
+            replace_module(frozen, name, nn.Identity())
     for name, gate in gates.items():  # SE: x * sigmoid(f(x)) → x * gate_ref
-        _replace(frozen, name, _Constant(gate[r : r + 1]))
+        replace_module(frozen, name, Constant(gate[r : r + 1]))
     for name, x in ln_inputs.items():  # LayerNorm over the last dim with the reference's mean and var
         ln = model.get_submodule(name)
-        mean, var = x[r : r + 1].mean(-1, keepdim=True), x[r : r + 1].var(-1, unbiased=False, keepdim=True)
-        scale = ln.weight.detach() / torch.sqrt(var + ln.eps)
-        _replace(frozen, name, _Constant(scale, ln.bias.detach() - mean * scale))
+        replace_module(frozen, name, frozen_layer_norm(ln, x[r : r + 1]))
     return frozen.eval()
-
-
-def _per_channel_jacobian(model: nn.Module, from_layer: str, to_layer: str, x: torch.Tensor) -> torch.Tensor:
-    """``[C2, C1, h1, w1]``: one backward per output channel from ``to_layer``'s centre neuron
-    (or feature, for a dense layer) to ``from_layer``'s whole map."""
-    store: dict[str, torch.Tensor] = {}
-
-    def free(_m, _i, out):
-        store["from"] = out.detach().clone().requires_grad_(True)
-        return store["from"]
-
-    handles = [
-        model.get_submodule(from_layer).register_forward_hook(free),
-        model.get_submodule(to_layer).register_forward_hook(lambda _m, _i, out: store.__setitem__("to", out)),
-    ]
-    try:
-        with torch.enable_grad():
-            model(x)
-            out = store["to"]
-            rows = []
-            for c in range(out.shape[1]):
-                sel = out[0, c] if out.dim() == 2 else out[0, c, out.shape[2] // 2, out.shape[3] // 2]
-                rows.append(torch.autograd.grad(sel, store["from"], retain_graph=True)[0][0])
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.stack(rows)
-
-
-def _support(g: torch.Tensor) -> torch.Tensor:
-    mask = g.abs().amax((0, 1)) > 0
-    ys, xs = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
-    return g[..., ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
 
 
 def _reference_weights(model: nn.Module, from_layer: str, to_layer: str, images: torch.Tensor) -> torch.Tensor:
     gates, ln_inputs = _recorded(model, images)
     jac = [
-        _per_channel_jacobian(_hand_frozen(model, gates, ln_inputs, r), from_layer, to_layer, images[r : r + 1])
+        per_channel_jacobian(_hand_frozen(model, gates, ln_inputs, r), from_layer, to_layer, images[r : r + 1])
         for r in range(len(images))
     ]
-    return _support(torch.stack(jac).mean(0))
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert ours.shape == ref.shape
-    scale = float(ref.abs().max())
-    assert scale > 0 and float((ours - ref).abs().max()) <= 1e-5 * scale
+    return support(torch.stack(jac).mean(0))
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -172,7 +124,7 @@ def test_block_equals_hand_frozen_per_channel_reference(name, from_layer, to_lay
     images = _images(2, seed=3)
     conn = connection_weights(model, from_layer, to_layer, reference=images)
     ref = _reference_weights(model, from_layer, to_layer, images)
-    _assert_close(conn.weights, ref)
+    assert_close(conn.weights, ref)
     assert conn.kind == "expanded" and conn.policy == "default"
     assert [str(f) for f in conn.frozen] == frozen
     assert torch.equal(conn.reference.images, images) and conn.reference.shape == (3, SIZE, SIZE)
@@ -190,7 +142,7 @@ def test_efficientnet_two_blocks_with_stride_and_default_noise_reference():
     assert conn.reference.description == f"smooth noise: 4 images 3x{SIZE}x{SIZE}, seed 0"
     assert conn.channels == (0, 5, 23)
     ref = _reference_weights(model, "features.1", "features.2.1", conn.reference.images)
-    _assert_close(conn.weights, ref[[0, 5, 23]])
+    assert_close(conn.weights, ref[[0, 5, 23]])
 
 
 @pytest.mark.filterwarnings("ignore:the receptive field")  # 64 px: layer2's field reaches layer1's border
@@ -204,7 +156,7 @@ def test_resnet_stage_and_bottleneck_block_nothing_frozen():
         images = _images(1, seed=5)
         assert torch.equal(expanded_weights(model, src, dst, reference=images, input_shape=(3, SIZE, SIZE)), article)
         ref = _reference_weights(model, src, dst, images)
-        _assert_close(default.weights, ref)
+        assert_close(default.weights, ref)
 
 
 # ----------------------------------------------------------------------------- dense heads
@@ -215,14 +167,14 @@ def test_dense_heads_cover_the_whole_map():
     E = expanded_weights(resnet, "layer4", "fc", input_shape=(3, SIZE, SIZE))
     golden = resnet.fc.weight.detach()[:, :, None, None].expand(-1, -1, 2, 2) / 4  # avg pool over 2x2, then fc
     assert E.shape == (1000, 512, 2, 2)
-    _assert_close(E, golden)
+    assert_close(E, golden)
 
     mobile = _model("mobilenet_v3_small")  # Linear, Hardswish (→ identity), Dropout, Linear
     E = expanded_weights(mobile, "features.12", "classifier.3", channels=[0, 7], input_shape=(3, SIZE, SIZE))
     w = (mobile.classifier[3].weight @ mobile.classifier[0].weight).detach()[[0, 7]]
-    _assert_close(E, w[:, :, None, None].expand(-1, -1, 2, 2) / 4)
+    assert_close(E, w[:, :, None, None].expand(-1, -1, 2, 2) / 4)
     dense = expanded_weights(mobile, "classifier.0", "classifier.3", channels=[0, 7], input_shape=(3, SIZE, SIZE))
-    _assert_close(dense, mobile.classifier[3].weight.detach()[[0, 7], :, None, None])  # [out, in, 1, 1]
+    assert_close(dense, mobile.classifier[3].weight.detach()[[0, 7], :, None, None])  # [out, in, 1, 1]
 
 
 def test_convnext_head_freezes_layernorm2d_statistics():
@@ -239,12 +191,42 @@ def test_convnext_head_freezes_layernorm2d_statistics():
     var = store["x"].var(1, unbiased=False).flatten()[:, None]  # per image: over the 768 channels of the pooled map
     rstd = 1 / torch.sqrt(var + ln.eps)  # [R, 1]
     per_image = fc.weight.detach()[[3, 999]][None] * ln.weight.detach() * rstd[:, None, :]  # [R, 2, 768]
-    _assert_close(conn.weights, (per_image.mean(0) / 4)[:, :, None, None].expand(-1, -1, 2, 2))
+    assert_close(conn.weights, (per_image.mean(0) / 4)[:, :, None, None].expand(-1, -1, 2, 2))
     assert conn.weights.shape == (2, 768, 2, 2)
 
 
-def test_channels_last_layers_are_refused_not_misread():
-    model = _model("convnext_tiny")
-    for inner in ("features.1.0.block.1", "features.1.0.block.2", "features.1.0.block.3"):  # Permute, LayerNorm, Linear
-        with pytest.raises(ValueError, match=rf"'{inner}' is channels-last \[batch, h, w, channels\]"):
-            expanded_weights(model, "features.0", inner, input_shape=(3, SIZE, SIZE))
+def test_per_call_layers_of_a_module_that_runs_twice():
+    """ResNet blocks call one ``relu`` twice: ``relu#1 → relu#2`` is conv2 and eval-mode bn2, so the
+    expanded weights are conv2's kernel times bn2's scale; the bare name is refused with the choices."""
+    model = _model("resnet18")
+    block = model.layer1[0]
+    E = expanded_weights(model, "layer1.0.relu#1", "layer1.0.relu#2", input_shape=(3, SIZE, SIZE))
+    bn = block.bn2
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    assert_close(E, block.conv2.weight.detach() * scale[:, None, None, None])
+    conn = connection_weights(model, "layer1.0.relu#1", "layer1.0.relu#2", channels=[3], input_shape=(3, SIZE, SIZE))
+    assert conn.kind == "expanded" and torch.equal(conn.weights, E[[3]])
+    with pytest.raises(ValueError, match=r"'layer1.0.relu' runs 2 times in one forward pass; name one call: layer1.0.relu#1, layer1.0.relu#2"):
+        expanded_weights(model, "layer1.0.relu", "layer1.1", input_shape=(3, SIZE, SIZE))
+    # per example, with the real nonlinearities: the gradient at the first call's output, not the second's
+    x = _images(1, seed=7)
+    calls = []
+
+    def second_call_is_free(_m, _i, out):
+        calls.append(out)
+        if len(calls) == 1:
+            calls[0] = out.detach().requires_grad_(True)
+            return calls[0]
+        return None
+
+    h = block.relu.register_forward_hook(second_call_is_free)
+    try:
+        with torch.enable_grad():
+            model(x)
+            c = int(calls[1][0, :, 8, 8].argmax())  # a unit that is on there
+            (g,) = torch.autograd.grad(calls[1][0, c, 8, 8], calls[0])
+    finally:
+        h.remove()
+    pe = per_example_connections(model, x, "layer1.0.relu#1", f"layer1.0.relu#2:{c}@8,8")
+    assert pe.shape == (1, 64, 3, 3)
+    assert_close(pe[0], g[0, :, 7:10, 7:10])

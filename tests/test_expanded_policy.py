@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from expanded_reference import assert_close, function_jacobian, support
+
 from circuits.expanded import (
     LinearisationPolicy,
     Reference,
@@ -29,28 +31,6 @@ from circuits.expanded import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _jacobian(f, z: torch.Tensor, out_channels: int) -> torch.Tensor:
-    """``[C2, C1, h1, w1]``: one backward per output channel of ``f(z)`` at its centre."""
-    z = z.detach().clone().requires_grad_(True)
-    out = f(z)
-    cy, cx = out.shape[2] // 2, out.shape[3] // 2
-    return torch.stack(
-        [torch.autograd.grad(out[0, c, cy, cx], z, retain_graph=True)[0][0] for c in range(out_channels)]
-    )
-
-
-def _support(g: torch.Tensor) -> torch.Tensor:
-    mask = g.abs().amax((0, 1)) > 0
-    ys, xs = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
-    return g[..., ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert ours.shape == ref.shape
-    scale = float(ref.abs().max())
-    assert scale > 0 and float((ours - ref).abs().max()) <= 1e-5 * scale
 
 
 def _state_bytes(model: nn.Module) -> bytes:
@@ -116,15 +96,15 @@ def gated():
 def test_functional_gate_and_norms_equal_hand_frozen(gated):
     refs = torch.randn(3, 3, 10, 10) + torch.randn(3, 3, 1, 1)
     conn = connection_weights(gated, "a", "b", reference=refs)
-    hand = torch.stack([_jacobian(_gated_by_hand(gated, refs[r : r + 1]), torch.zeros(1, 8, 10, 10), 6) for r in range(3)])
-    _assert_close(conn.weights, _support(hand.mean(0)))
+    hand = torch.stack([function_jacobian(_gated_by_hand(gated, refs[r : r + 1]), torch.zeros(1, 8, 10, 10), 6) for r in range(3)])
+    assert_close(conn.weights, support(hand.mean(0)))
     assert conn.weights.shape == (6, 8, 3, 3)
     assert [str(f) for f in conn.frozen] == [
         "Gated: sigmoid()#0 output", "Gated: layer_norm()#0 statistics", "gn: group_norm()#0 statistics"
     ]
     # one given image: the per-example connection of the linearised model
     one = expanded_weights(gated, "a", "b", reference=refs[1])
-    _assert_close(one, _support(hand[1]))
+    assert_close(one, support(hand[1]))
 
 
 def test_linearized_block_replays_frozen_values(gated):
@@ -185,8 +165,8 @@ def test_attention_patterns_frozen_value_path_live():
         return model.b(o.transpose(1, 2).reshape(1, 8, 5, 5))
 
     conn = connection_weights(model, "a", "b", reference=x_ref)
-    hand = _jacobian(by_hand, torch.zeros(1, 8, 5, 5), 4)
-    _assert_close(conn.weights, _support(hand))
+    hand = function_jacobian(by_hand, torch.zeros(1, 8, 5, 5), 4)
+    assert_close(conn.weights, support(hand))
     assert conn.weights.shape == (4, 8, 5, 5)  # attention reaches every position
     assert [f.frozen for f in conn.frozen] == ["attention pattern", "output"]
 
@@ -228,8 +208,8 @@ def test_multihead_attention_module_frozen_pattern():
         return f
 
     conn = connection_weights(model, "a", "b", reference=refs)
-    hand = torch.stack([_jacobian(by_hand(r), torch.zeros(1, 8, 4, 4), 4) for r in range(2)]).mean(0)
-    _assert_close(conn.weights, _support(hand))
+    hand = torch.stack([function_jacobian(by_hand(r), torch.zeros(1, 8, 4, 4), 4) for r in range(2)]).mean(0)
+    assert_close(conn.weights, support(hand))
     assert [str(f) for f in conn.frozen] == ["attn: multi_head_attention_forward()#0 attention pattern"]
     with pytest.raises(UnsupportedNonlinearityError, match="not linear"):
         expanded_weights(model, "a", "b", input_shape=(3, 4, 4), policy={nn.MultiheadAttention: "keep"})
@@ -286,8 +266,8 @@ def test_batch_statistics_and_norms_frozen_model_unchanged():
 
         return f
 
-    hand = torch.stack([_jacobian(by_hand(r), torch.zeros(1, 6, 8, 8), 4) for r in range(2)]).mean(0)
-    _assert_close(conn.weights, _support(hand))
+    hand = torch.stack([function_jacobian(by_hand(r), torch.zeros(1, 6, 8, 8), 4) for r in range(2)]).mean(0)
+    assert_close(conn.weights, support(hand))
     assert {f.op for f in conn.frozen} == {"batch_norm", "instance_norm", "rms_norm", "normalize"}
     model.eval()  # in eval mode batch norm is affine: only the other three are frozen
     assert {f.op for f in connection_weights(model, "a", "b", reference=refs).frozen} == {"instance_norm", "rms_norm", "normalize"}
@@ -333,7 +313,7 @@ def test_relu_like_activations_become_identity(act, scale):
     torch.manual_seed(3)
     model = _chain_input(Chain(act))
     E = expanded_weights(model, "x", "m.b", input_shape=(2, 12, 12))
-    _assert_close(E, _composed(model.m, scale))
+    assert_close(E, _composed(model.m, scale))
     with pytest.raises(UnsupportedNonlinearityError, match="cannot linearise the model"):
         expanded_weights(model, "x", "m.b", input_shape=(2, 12, 12), policy="article")
 
@@ -344,8 +324,8 @@ def test_policy_mappings_and_their_errors():
     with pytest.raises(UnsupportedNonlinearityError, match=r"tanh\(\).*'m.act'.*policy=\{'tanh': 'identity' \| 'freeze' \| 'keep'\}") as err:
         expanded_weights(model, "x", "m.b", input_shape=(2, 12, 12))
     assert "\n" not in str(err.value)
-    _assert_close(expanded_weights(model, "x", "m.b", input_shape=(2, 12, 12), policy={"tanh": "identity"}), _composed(model.m))
-    _assert_close(expanded_weights(model, "x", "m.b", input_shape=(2, 12, 12), policy={nn.Tanh: "identity"}), _composed(model.m))
+    assert_close(expanded_weights(model, "x", "m.b", input_shape=(2, 12, 12), policy={"tanh": "identity"}), _composed(model.m))
+    assert_close(expanded_weights(model, "x", "m.b", input_shape=(2, 12, 12), policy={nn.Tanh: "identity"}), _composed(model.m))
     with pytest.raises(UnsupportedNonlinearityError, match="not linear"):  # kept: the result would depend on the input
         expanded_weights(model, "x", "m.b", input_shape=(2, 12, 12), policy={"tanh": "keep"})
 
@@ -421,9 +401,9 @@ def test_loader_reference_is_the_mean_of_per_image_jacobians(gated):
     assert torch.equal(ref.images, images[:4]) and ref.description == "4 images of a data loader 3x10x10"
     E = expanded_weights(gated, "a", "b", reference=ref)
     per_image = torch.stack([expanded_weights(gated, "a", "b", reference=images[i]) for i in range(4)])
-    _assert_close(E, per_image.mean(0))
+    assert_close(E, per_image.mean(0))
     all_images = expanded_weights(gated, "a", "b", reference=loader)  # a DataLoader directly: its first 32 images
-    _assert_close(all_images, torch.stack([expanded_weights(gated, "a", "b", reference=images[i]) for i in range(5)]).mean(0))
+    assert_close(all_images, torch.stack([expanded_weights(gated, "a", "b", reference=images[i]) for i in range(5)]).mean(0))
 
 
 def test_reference_errors_and_cache_keys(gated):
