@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -38,12 +39,27 @@ def _layer_of(spec: str) -> str:
     return spec.split(":", 1)[0].split("@", 1)[0]
 
 
+def _story_value(v: object, cfg: dict) -> object:
+    """``story:family`` (or ``story:boundary.source``) → the layer it names in the config's story file."""
+    if not (isinstance(v, str) and v.startswith("story:")):
+        return v
+    node = json.loads((CONFIGS / cfg["story"]).read_text())["neurons"]
+    for part in v[len("story:"):].split("."):
+        node = node[part]
+    if isinstance(node, dict):
+        return node.get("target") or node["layer"]
+    return node
+
+
 def _names(cfg: dict, keys: tuple[str, ...]) -> list[str]:
     out = []
     for key in keys:
         value = cfg.get(key)
         for v in value if isinstance(value, list) else [value] if value else []:
-            out.append(_layer_of(str(v)))
+            v = _story_value(v, cfg)
+            for item in v if isinstance(v, list) else [v]:
+                if isinstance(item, str):
+                    out.append(_layer_of(item))
     return out
 
 
@@ -106,8 +122,8 @@ def test_the_enumeration_covers_pages_and_figures(bundled_weights):
     for layer, prev in [("mixed3a", "conv2d2"), ("mixed3b", "mixed3a"), ("mixed4a", "mixed3b")]:
         assert {f"{prev}->{layer}", f"{layer}_3x3_bottleneck->{layer}", f"{layer}_5x5_bottleneck->{layer}",
                 f"{layer}_3x3", f"{layer}_5x5"} <= names
-    # figures: e.g. fig13 (conv2d1 -> mixed3b), fig08 (conv2d1 -> mixed3a), fig01 (mixed3b_5x5's kernel)
-    assert {"conv2d1->mixed3b", "conv2d1->mixed3a", "mixed3b_5x5", "mixed4a_5x5"} <= names
+    # figures: e.g. fig13 (conv2d1 -> mixed3b), fig08 (conv2d2 -> mixed3a), fig01 (mixed3b_5x5's kernel)
+    assert {"conv2d1->mixed3b", "conv2d2->mixed3a", "mixed3b_5x5", "mixed4a_5x5"} <= names
     assert all(w.ndim == 4 and w.shape[0] > 0 for w in bundled_weights.values())
 
 
@@ -153,8 +169,8 @@ def test_issue_15_pairs_all_neurons_default_backend(bundled_weights):
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_bundled_family_factors_finite_both_backends(bundled_weights, k):
-    """The family NMF of the figures (fig07/fig08: conv2d2 / conv2d1 -> mixed3a): one matrix."""
-    for name in ("conv2d2->mixed3a", "conv2d1->mixed3a"):
+    """The family NMF of the figures (fig07/fig08: conv2d2 -> mixed3a; fig13: conv2d1 -> mixed3b): one matrix each."""
+    for name in ("conv2d2->mixed3a", "conv2d1->mixed3b"):
         w = bundled_weights[name]
         X = posneg(w, 0).permute(0, 2, 3, 1).reshape(-1, w.shape[1])
         a, b = nmf(X, k, backend="numba"), nmf(X, k, backend="torch")
