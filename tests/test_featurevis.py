@@ -308,9 +308,9 @@ def test_cache_hits_and_corrupt_files(fashion: nn.Module, tmp_path, monkeypatch)
     calls: list[int] = []
     real = render_mod._optimize
 
-    def counting(model, objectives, seeds, **kw):
+    def counting(model, objectives, seeds, *args, **kw):
         calls.append(len(objectives))
-        return real(model, objectives, seeds, **kw)
+        return real(model, objectives, seeds, *args, **kw)
 
     monkeypatch.setattr(render_mod, "_optimize", counting)
     cache = FeatureVisCache(tmp_path)

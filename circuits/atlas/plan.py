@@ -37,9 +37,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import PathLike, atomic_write_text, state_dict_hash
-from ..layers import capture, get_layer, layer_names, list_layers, run_until
+from ..layers import get_layer, layer_names, list_layers
 from ..models import input_shape as model_input_shape
-from ..models import preprocess_input
 from .store import ResultStore
 
 __all__ = [
@@ -249,14 +248,9 @@ def _channel_counts(model: nn.Module) -> dict[str, int]:
 
 def _floats_per_image(model: nn.Module, layer: str, out_size: tuple[int, int]) -> int:
     """Activation floats one image produces up to ``layer`` (every named layer's output + the input)."""
-    p = next(model.parameters(), None)
-    dev = p.device if p is not None else torch.device("cpu")
-    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    channels = model_input_shape(model)[0]
-    x = preprocess_input(model, torch.full((1, channels, *out_size), 0.5, device=dev, dtype=dtype))
-    with torch.no_grad(), capture(model, layer_names(model), detach=True) as acts:
-        run_until(model, x, [layer], detach=True)
-    return int(sum(v.numel() for v in acts.values()) + x.numel())
+    from ..featurevis import activation_floats_per_image
+
+    return activation_floats_per_image(model, [layer], out_size)
 
 
 def batch_size_for(model: nn.Module, layer: str, device: Union[str, torch.device, None] = None,

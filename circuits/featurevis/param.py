@@ -94,6 +94,11 @@ class ImageParam:
         self._scale = fft_scale(h, w)[None, None, :, :].to(device=device, dtype=dtype) if kind == "fft" else None
         self._color = _color_matrix().to(device=device, dtype=dtype) if self.decorrelate else None
 
+    @staticmethod
+    def default_sd(size: tuple[int, int]) -> float:
+        """Standard deviation of the random initial values for an image of ``size`` (Lucid's 0.01)."""
+        return 0.01
+
     @property
     def batch(self) -> int:
         return self.tensor.shape[0]
@@ -115,7 +120,7 @@ class ImageParam:
         return self.tensor.detach().clone()
 
 
-def describe(kind: str, decorrelate: bool) -> dict:
-    """The parameterization part of a cache key."""
-    return {"kind": kind, "decorrelate": bool(decorrelate), "sd": 0.01, "fft_div": 4.0}
+def describe(kind: str, decorrelate: bool, sd: float) -> dict:
+    """The parameterization part of a cache request."""
+    return {"kind": kind, "decorrelate": bool(decorrelate), "sd": float(sd), "fft_div": 4.0 if kind == "fft" else None}
 
