@@ -159,8 +159,12 @@ def test_cache_requests_follow_the_image_fields(fashion: nn.Module) -> None:
         other = cache_requests(fashion, ["mixed4a:1"], RenderSettings(steps=8).replace(**{name: value}))[0]
         assert other != base, name
     assert set(changes) | {"decorrelate", "mixed_precision"} == set(RenderSettings.IMAGE_FIELDS)
-    # decorrelation and mixed precision do not apply to a grayscale model on the CPU: same image, same request
-    assert cache_requests(fashion, ["mixed4a:1"], steps=8, decorrelate=False, mixed_precision=True)[0] == base
+    # decorrelation does not apply to a grayscale model: same image, same request
+    assert cache_requests(fashion, ["mixed4a:1"], steps=8, decorrelate=False)[0] == base
+    # mixed precision only where the device has bfloat16
+    amp = cache_requests(fashion, ["mixed4a:1"], steps=8, mixed_precision=True)[0]
+    assert (amp != base) == fv.bf16_autocast_supported("cpu") == amp["mixed_precision"]
+    assert cache_requests(fashion, ["mixed4a:1"], steps=8, mixed_precision=True, device="cuda")[0]["mixed_precision"]
     with pytest.raises(TypeError, match="cache_requests"):
         cache_requests(fashion, ["mixed4a:1"], colour=1)
 

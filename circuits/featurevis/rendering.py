@@ -46,6 +46,7 @@ __all__ = [
     "cache_requests",
     "activation_floats_per_image",
     "learning_rate",
+    "bf16_autocast_supported",
     "RenderResult",
     "RenderWarning",
     "element_seed",
@@ -239,13 +240,25 @@ def _resolve_transforms(transforms: Union[str, T.Transforms], size: tuple[int, i
     return tr  # type: ignore[return-value]
 
 
+def bf16_autocast_supported(device: Union[str, torch.device]) -> bool:
+    """Whether ``mixed_precision=True`` renders in bfloat16 on ``device``: on CUDA, and on CPUs
+    with native bfloat16 instructions (AVX-512 BF16 or AMX), where oneDNN's bfloat16
+    convolutions are faster than float32 ones."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return True
+    if dev.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
 def _plan(model: nn.Module, s: RenderSettings, device: Union[str, torch.device, None]) -> _Plan:
     mdev, dtype = _model_device(model)
     dev = mdev if device is None else torch.device(device)
     channels, in_h, in_w = input_shape(model)
     size = s.size if s.size is not None else (min(128, in_h), min(128, in_w))
     out_size = s.resize_to if s.resize_to is not None else (in_h, in_w)
-    amp = s.mixed_precision and dev.type == "cuda"
+    amp = s.mixed_precision and bf16_autocast_supported(dev)
     channels_last = s.channels_last if s.channels_last is not None else dev.type == "cpu"
     return _Plan(s, channels, size, out_size, _resolve_transforms(s.transforms, size), ImageParam.default_sd(size),
                  s.redirect_steps(), amp, channels_last, dev, dtype)
@@ -499,7 +512,7 @@ def render(
     if plan.channels not in (1, 3):
         raise ValueError(f"model input has {plan.channels} channels; feature visualization supports 1 or 3")
     if s.mixed_precision and not plan.amp:
-        warnings.warn("mixed_precision is only used on CUDA devices; rendering in the model's dtype", stacklevel=2)
+        warnings.warn(f"mixed_precision: no bfloat16 support on {plan.device}; rendering in the model's dtype", stacklevel=2)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 

@@ -109,8 +109,10 @@ class RenderSettings:
             or for that many steps (an int).
         resize_to: size the transformed image is resampled to before the model, an int or
             ``(height, width)``; ``None``: the model's input size.
-        mixed_precision: bfloat16 autocast for the model's forward pass (CUDA only; on other
-            devices the render runs in the model's dtype and the request records ``False``).
+        mixed_precision: bfloat16 autocast for the model's forward pass, on CUDA and on CPUs
+            with native bfloat16 (:func:`~circuits.featurevis.rendering.bf16_autocast_supported`);
+            elsewhere the render runs in the model's dtype and the request records ``False``.
+            The final objective values are always evaluated in the model's dtype.
         channels_last: run the model on channels-last tensors; ``None``: automatically (on the
             CPU, where max pooling and convolutions are faster that way). Does not change images
             beyond rounding, so it is not part of the cache request.
