@@ -143,17 +143,20 @@ def fashion_set(n: int) -> TargetSet:
 
     model = load_model()
     tr = default_transforms(28)
+    # Lucent's jitter(d) crops d px away (offsets 0..d-1); ours with jitter j crops j - 1 (offsets
+    # 0..j-1 around the centre): jitter(j - 1) gives Lucent the same output size, so that its
+    # images reach the model at their own scale too (no resampling by the final resize)
     lucent_transforms: list[Callable] = []
     if tr.pad:
         lucent_transforms.append(transform.pad(tr.pad, mode="constant", constant_value=tr.fill))
     if tr.jitter > 1:
-        lucent_transforms.append(transform.jitter(tr.jitter))
+        lucent_transforms.append(transform.jitter(tr.jitter - 1))
     if len(tr.scales) > 1:
         lucent_transforms.append(transform.random_scale(list(tr.scales)))
     if len(tr.angles) > 1:
         lucent_transforms.append(transform.random_rotate(list(tr.angles)))
     if tr.jitter2 > 1:
-        lucent_transforms.append(transform.jitter(tr.jitter2))
+        lucent_transforms.append(transform.jitter(tr.jitter2 - 1))
     lucent_transforms.append(model.preprocess_input)
     kw = dict(transforms=lucent_transforms, preprocess=False, fixed_image_size=28, image_channels=1)
     return TargetSet("fashion", model, model, "mixed4a", list(range(n)), 28, kw)
@@ -175,7 +178,7 @@ def time_to_quality(ts: TargetSet, steps: int, every: int, ladder: Sequence[int]
     bar = medians[-1]
     reach = next(s for s, m in zip(thresholds, medians) if m >= bar)
     t_lucent_q = t_lucent * reach / steps
-    print(f"[featurevis {ts.name}] Lucent batched: {steps} steps in {t_lucent:.1f} s ({t_lucent / steps * 1000:.0f} ms/step); "
+    print(f"[featurevis {ts.name}] {torch.get_num_threads()} torch thread(s); Lucent batched: {steps} steps in {t_lucent:.1f} s ({t_lucent / steps * 1000:.0f} ms/step); "
           f"median objective {bar:.4f} (the bar), first reached at step {reach} -> {t_lucent_q:.1f} s", flush=True)
     out: dict = {"lucent_s": t_lucent, "lucent_to_quality_s": t_lucent_q, "bar": bar, "lucent_medians": dict(zip(thresholds, medians)),
                  "lucent_images": lucent_imgs[-1], "ours": {}}  # type: ignore[index]

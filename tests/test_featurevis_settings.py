@@ -262,3 +262,32 @@ def test_non_finite_objective_is_an_error(tmp_path) -> None:
     with pytest.raises(FloatingPointError, match=r"diverged .* for 2 target\(s\): \['out:0', 'out:1'\]"):
         render(_Exploding(), ["out:0", "out:1"], steps=2, transforms="none", progress=False, cache=cache)
     assert len(cache) == 0
+
+
+class _ViewHead(nn.Module):
+    """A model that flattens a conv output with ``.view`` (which channels-last strides do not allow)."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.head(h.view(h.shape[0], -1))
+
+
+def test_channels_last_is_automatic_and_falls_back() -> None:
+    torch.manual_seed(0)
+    model = _ViewHead().eval()
+    with pytest.raises(RuntimeError, match="view"):
+        render(model, "head:1", steps=2, progress=False, channels_last=True)
+    auto = render(model, "head:1", steps=2, progress=False)  # falls back to NCHW by itself
+    plain = render(model, "head:1", steps=2, progress=False, channels_last=False)
+    torch.testing.assert_close(auto.images, plain.images)
+    fashion = FashionInception().eval()
+    a = render(fashion, ["mixed3b:2", "logits:1"], steps=3, progress=False, channels_last=True)
+    b = render(fashion, ["mixed3b:2", "logits:1"], steps=3, progress=False, channels_last=False)
+    torch.testing.assert_close(a.images, b.images, atol=1e-4, rtol=0)  # a speed setting: same images up to rounding

@@ -19,6 +19,7 @@ arguments (``render(model, t, steps=256)``) are applied on top of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import warnings
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 #: Version of the cache request format and of the image-changing defaults behind it.
-#: 2: per-size default transforms, parameter init and learning rate; schedules; ``param`` details.
+#: 2: per-size default transforms, learning-rate schedules, bfloat16 on the CPU, ``param_init``.
 _CACHE_VERSION = 2
 
 TargetLike = Union[str, Objective]
@@ -219,7 +220,6 @@ class _Plan:
     size: tuple[int, int]
     out_size: tuple[int, int]
     transforms: T.Transforms
-    init_sd: float
     redirect_steps: int
     amp: bool
     channels_last: bool
@@ -248,7 +248,8 @@ def bf16_autocast_supported(device: Union[str, torch.device]) -> bool:
     if dev.type == "cuda":
         return True
     if dev.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(torch.backends.mkldnn.is_available() and check is not None and check())
     return False
 
 
@@ -260,19 +261,18 @@ def _plan(model: nn.Module, s: RenderSettings, device: Union[str, torch.device, 
     out_size = s.resize_to if s.resize_to is not None else (in_h, in_w)
     amp = s.mixed_precision and bf16_autocast_supported(dev)
     channels_last = s.channels_last if s.channels_last is not None else dev.type == "cpu"
-    return _Plan(s, channels, size, out_size, _resolve_transforms(s.transforms, size), ImageParam.default_sd(size),
-                 s.redirect_steps(), amp, channels_last, dev, dtype)
+    return _Plan(s, channels, size, out_size, _resolve_transforms(s.transforms, size), s.redirect_steps(), amp, channels_last, dev, dtype)
 
 
-def _request_base(model: nn.Module, p: _Plan, model_hash: Optional[str] = None) -> dict:
+def _request_base(model: nn.Module, p: _Plan) -> dict:
     """The part of a cache request that every target of one :func:`render` call shares."""
     s = p.settings
     return {
         "version": _CACHE_VERSION,
-        "model": model_hash if model_hash is not None else state_dict_hash(model),
+        "model": state_dict_hash(model),
         "model_class": type(model).__name__,
         "param": s.param,
-        "param_init": describe(s.param, s.decorrelate and p.channels == 3, p.init_sd),
+        "param_init": describe(s.param, s.decorrelate and p.channels == 3),
         "decorrelate": s.decorrelate and p.channels == 3,
         "transforms": p.transforms.to_dict(),
         "steps": s.steps,
@@ -317,10 +317,12 @@ def cache_requests(
 
 
 def _probe(model: nn.Module, layers: Sequence[str], channels: int, out_size: tuple[int, int], device: torch.device,
-           dtype: torch.dtype) -> tuple[dict, int]:
+           dtype: torch.dtype, channels_last: bool = False) -> tuple[dict, int]:
     """Shapes of the ``layers`` (batch excluded) and floats of every named activation up to the
     deepest of them, plus the input, for one image."""
     x = preprocess_input(model, torch.full((1, channels, *out_size), 0.5, device=device, dtype=dtype))
+    if channels_last:
+        x = _channels_last(x)
     with torch.no_grad(), capture(model, layer_names(model), detach=True) as everything:
         acts = run_until(model, x, list(layers), detach=True)
     numel = sum(v.numel() for v in everything.values()) + x.numel()
@@ -384,10 +386,12 @@ class _Adam:
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x [B, C, H, W]`` with channels-last strides, also for ``C = 1`` (where ``.contiguous(
-    memory_format=torch.channels_last)`` keeps the ambiguous NCHW strides, and the model would
-    stay NCHW)."""
-    return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    """``x [B, C, H, W]`` copied into channels-last strides ``(H W C, 1, W C, C)``, also for
+    ``C = 1``, where ``.contiguous(memory_format=torch.channels_last)`` keeps the NCHW strides
+    (equally valid for one channel) and the model would then run in NCHW throughout."""
+    b, c, h, w = x.shape
+    out = torch.empty_strided((b, c, h, w), (h * w * c, 1, w * c, c), dtype=x.dtype, device=x.device)
+    return out.copy_(x)
 
 
 def _optimize(
@@ -400,8 +404,7 @@ def _optimize(
     """Optimise one batch: returns ``(images [B, C, H, W] cpu, values [B] cpu)``."""
     s, device, dtype = plan.settings, plan.device, plan.dtype
     layers = list(dict.fromkeys(l for o in objectives for l in o.layers))
-    image = ImageParam(seeds, plan.channels, plan.size, kind=s.param, decorrelate=s.decorrelate, sd=plan.init_sd,
-                       device=device, dtype=dtype)
+    image = ImageParam(seeds, plan.channels, plan.size, kind=s.param, decorrelate=s.decorrelate, device=device, dtype=dtype)
     transforms = plan.transforms
     draws = torch.stack(
         [transforms.sample(torch.Generator().manual_seed((int(x) * 2654435761 + 97) % (2**63)), s.steps) for x in seeds],
@@ -517,7 +520,14 @@ def render(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
     layers = list(dict.fromkeys(l for o in objectives for l in o.layers))
-    shapes, per_image = _probe(model, layers, plan.channels, plan.out_size, plan.device, plan.dtype)
+    try:
+        shapes, per_image = _probe(model, layers, plan.channels, plan.out_size, plan.device, plan.dtype, plan.channels_last)
+    except RuntimeError:
+        if not plan.channels_last or s.channels_last:
+            raise
+        # automatic channels-last, and the model cannot take it (e.g. ``.view`` on a conv output)
+        plan = dataclasses.replace(plan, channels_last=False)
+        shapes, per_image = _probe(model, layers, plan.channels, plan.out_size, plan.device, plan.dtype)
     for o in objectives:
         o.validate(shapes)
 
