@@ -32,6 +32,7 @@ count that reached the bar) to compare how the images look.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 import warnings
@@ -42,13 +43,15 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from circuits.featurevis import RenderSettings, objective_values, render
+from circuits.featurevis import RenderSettings, cache_requests, objective_values, render
 from circuits.featurevis.transforms import default_transforms
 from circuits.models import InceptionV1, input_shape
 
 from .common import report
 
-#: Configurations of ours that are timed: the library defaults, and shipped options.
+#: Configurations of ours that are timed: the library defaults, and shipped options. A
+#: configuration that resolves to the same render as an earlier one (e.g. the defaults at 28 px
+#: are already the cosine schedule from 0.1) is not run twice.
 CONFIGS: dict[str, dict] = {
     "defaults": {},
     "cosine lr 0.1": {"lr": 0.1, "schedule": "cosine"},
@@ -183,8 +186,15 @@ def time_to_quality(ts: TargetSet, steps: int, every: int, ladder: Sequence[int]
     out: dict = {"lucent_s": t_lucent, "lucent_to_quality_s": t_lucent_q, "bar": bar, "lucent_medians": dict(zip(thresholds, medians)),
                  "lucent_images": lucent_imgs[-1], "ours": {}}  # type: ignore[index]
     render(ts.ours, targets[:1], steps=1, size=ts.size, progress=False)  # warm-up (allocator, FFT plans)
+    seen: dict[str, str] = {}
     for name, kw in configs.items():
         settings = RenderSettings(size=ts.size).replace(**kw)
+        request = json.dumps(cache_requests(ts.ours, targets[:1], settings.replace(steps=1))[0], sort_keys=True, default=str)
+        if request in seen:
+            print(f"[featurevis {ts.name}] circuits {name}: the same render as {seen[request]!r}", flush=True)
+            out["ours"][name] = out["ours"][seen[request]]
+            continue
+        seen[request] = name
         tried = []
         for s in ladder:
             t0 = time.perf_counter()
@@ -216,7 +226,11 @@ def _save_grid(path: Path, ts: TargetSet, out: dict) -> None:
     from circuits.figures.raster import save_image_png
 
     rows = [np.asarray(out["lucent_images"], dtype=np.float32)]
-    rows += [out["ours"][k]["images"].numpy() for k in out["ours"]]
+    names: list[str] = []  # configurations that ran (not the same render as an earlier one)
+    for k, entry in out["ours"].items():
+        if all(entry is not out["ours"][j] for j in names):
+            names.append(k)
+    rows += [out["ours"][k]["images"].numpy() for k in names]
     n, c, h, w = rows[0].shape
     gap = max(2, h // 32)
     canvas = np.ones((c, len(rows) * (h + gap) - gap, n * (w + gap) - gap), dtype=np.float32)
@@ -225,7 +239,7 @@ def _save_grid(path: Path, ts: TargetSet, out: dict) -> None:
             canvas[:, r * (h + gap):r * (h + gap) + h, i * (w + gap):i * (w + gap) + w] = imgs[i]
     save_image_png(canvas, path, scale=max(1, 128 // h))
     print(f"[featurevis {ts.name}] image grid: {path} (rows: Lucent batched 512 steps; "
-          + "; ".join(f"circuits {k} at {out['ours'][k]['steps']} steps" for k in out["ours"]) + ")", flush=True)
+          + "; ".join(f"circuits {k} at {out['ours'][k]['steps']} steps" for k in names) + ")", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sets", default="inceptionv1,fashion", help="target sets: inceptionv1, fashion")
     p.add_argument("--steps", type=int, default=512, help="Lucent's steps (the quality bar is its median there)")
     p.add_argument("--every", type=int, default=32, help="Lucent's images are evaluated every this many steps")
-    p.add_argument("--ladder", default="64,96,128,160,192,256,320,384,512", help="our step counts, tried in order")
+    p.add_argument("--ladder", default="64,96,128,192,256,320,384,448,512", help="our step counts, tried in order")
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"configurations of ours: {list(CONFIGS)}")
     p.add_argument("--grid", default=None, help="folder for the PNG grids (one per set)")

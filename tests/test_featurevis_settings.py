@@ -42,7 +42,7 @@ def fashion() -> nn.Module:
 
 def test_defaults_and_normalisation() -> None:
     s = RenderSettings()
-    assert (s.steps, s.size, s.param, s.seed, s.transforms, s.lr, s.schedule) == (512, None, "fft", 0, "default", 0.05, "constant")
+    assert (s.steps, s.size, s.param, s.seed, s.transforms, s.lr, s.schedule) == (512, None, "fft", 0, "default", None, None)
     t = RenderSettings(size=28, resize_to=[30, 32], transforms=None, redirected_relu=8)
     assert t.size == (28, 28) and t.resize_to == (30, 32) and t.transforms == "default" and t.redirected_relu == 8
     assert RenderSettings(transforms=False).transforms == "none"
@@ -68,8 +68,8 @@ def dataclasses_frozen_error() -> type:
     (dict(size=(1, 2, 3)), r"size must be an int or \(height, width\)"),
     (dict(resize_to="big"), r"resize_to must be an int or \(height, width\)"),
     (dict(param="dct"), "param must be one of"),
-    (dict(lr=0), "lr must be a positive finite number"),
-    (dict(lr=float("nan")), "lr must be a positive finite number"),
+    (dict(lr=0), "lr must be a positive finite number or None"),
+    (dict(lr=float("nan")), "lr must be a positive finite number or None"),
     (dict(schedule="step"), "schedule must be one of"),
     (dict(transforms="wild"), "transforms must be one of"),
     (dict(transforms={"pad": 1, "wobble": 2}), r"unknown Transforms field\(s\) \['wobble'\]"),
@@ -94,7 +94,7 @@ _transforms = st.one_of(
 @given(
     steps=st.integers(0, 4096), size=st.one_of(st.none(), st.integers(1, 512), st.tuples(st.integers(1, 512), st.integers(1, 512))),
     param=st.sampled_from(["fft", "pixel"]), decorrelate=st.booleans(), seed=st.integers(-2**40, 2**40),
-    transforms=_transforms, lr=st.floats(1e-5, 10.0), schedule=st.sampled_from(SCHEDULES),
+    transforms=_transforms, lr=st.one_of(st.none(), st.floats(1e-5, 10.0)), schedule=st.one_of(st.none(), st.sampled_from(SCHEDULES)),
     redirected_relu=st.one_of(st.booleans(), st.integers(0, 100)),
     resize_to=st.one_of(st.none(), st.integers(1, 512)), mixed_precision=st.booleans(),
     channels_last=st.one_of(st.none(), st.booleans()),
@@ -153,12 +153,17 @@ def test_cache_requests_follow_the_image_fields(fashion: nn.Module) -> None:
     same = cache_requests(fashion, ["mixed4a:1"], RenderSettings(steps=8, channels_last=False), batch_size=3,
                           progress=False, cache=True)[0]
     assert same == base
-    changes = dict(steps=9, size=24, param="pixel", seed=1, transforms="none", lr=0.2, schedule="cosine",
+    changes = dict(steps=9, size=24, param="pixel", seed=1, transforms="none", lr=0.2, schedule="onecycle",
                    redirected_relu=False, resize_to=32)
     for name, value in changes.items():
         other = cache_requests(fashion, ["mixed4a:1"], RenderSettings(steps=8).replace(**{name: value}))[0]
         assert other != base, name
     assert set(changes) | {"decorrelate", "mixed_precision"} == set(RenderSettings.IMAGE_FIELDS)
+    # unset lr and schedule take the defaults for the image size (28 px: 0.1, cosine)
+    assert base["lr"] == 0.1 and base["schedule"] == "cosine"
+    assert cache_requests(fashion, ["mixed4a:1"], steps=8, lr=0.1, schedule="cosine")[0] == base
+    big = cache_requests(fashion, ["mixed4a:1"], steps=8, size=128, resize_to=28)[0]
+    assert (big["lr"], big["schedule"]) == (0.05, "constant") == fv.default_optimizer(128)
     # decorrelation does not apply to a grayscale model: same image, same request
     assert cache_requests(fashion, ["mixed4a:1"], steps=8, decorrelate=False)[0] == base
     # mixed precision only where the device has bfloat16

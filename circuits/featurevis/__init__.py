@@ -32,7 +32,7 @@ from .rendering import (
     render,
     variable_names,
 )
-from .settings import RenderSettings
+from .settings import RenderSettings, default_optimizer
 from .transforms import Transforms, default_transforms
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "cache_requests",
     "RenderResult",
     "RenderSettings",
+    "default_optimizer",
     "RenderWarning",
     "activation_floats_per_image",
     "bf16_autocast_supported",

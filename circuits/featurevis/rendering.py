@@ -39,7 +39,7 @@ from .cache import FeatureVisCache, as_cache
 from .objectives import Objective, as_objective, evaluate_batch
 from .param import ImageParam, describe
 from .relu import redirected_relu
-from .settings import REDIRECT_STEPS, RenderSettings
+from .settings import REDIRECT_STEPS, RenderSettings, default_optimizer
 
 __all__ = [
     "render",
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 #: Version of the cache request format and of the image-changing defaults behind it.
-#: 2: per-size default transforms, learning-rate schedules, bfloat16 on the CPU, ``param_init``.
+#: 2: per-size default transforms and optimiser, learning-rate schedules, bfloat16 on the CPU, ``param_init``.
 _CACHE_VERSION = 2
 
 TargetLike = Union[str, Objective]
@@ -220,6 +220,8 @@ class _Plan:
     size: tuple[int, int]
     out_size: tuple[int, int]
     transforms: T.Transforms
+    lr: float
+    schedule: str
     redirect_steps: int
     amp: bool
     channels_last: bool
@@ -261,7 +263,11 @@ def _plan(model: nn.Module, s: RenderSettings, device: Union[str, torch.device, 
     out_size = s.resize_to if s.resize_to is not None else (in_h, in_w)
     amp = s.mixed_precision and bf16_autocast_supported(dev)
     channels_last = s.channels_last if s.channels_last is not None else dev.type == "cpu"
-    return _Plan(s, channels, size, out_size, _resolve_transforms(s.transforms, size), s.redirect_steps(), amp, channels_last, dev, dtype)
+    lr, schedule = default_optimizer(size)
+    lr = s.lr if s.lr is not None else lr
+    schedule = s.schedule if s.schedule is not None else schedule
+    return _Plan(s, channels, size, out_size, _resolve_transforms(s.transforms, size), lr, schedule, s.redirect_steps(),
+                 amp, channels_last, dev, dtype)
 
 
 def _request_base(model: nn.Module, p: _Plan) -> dict:
@@ -278,8 +284,8 @@ def _request_base(model: nn.Module, p: _Plan) -> dict:
         "steps": s.steps,
         "size": list(p.size),
         "resize_to": list(p.out_size),
-        "lr": s.lr,
-        "schedule": s.schedule,
+        "lr": p.lr,
+        "schedule": p.schedule,
         "redirect_steps": p.redirect_steps,
         "mixed_precision": p.amp,
         "dtype": str(p.dtype),
@@ -412,7 +418,7 @@ def _optimize(
     )  # [steps, B, 6]
     thetas = transforms.matrices(draws, plan.size).to(device=device, dtype=dtype)  # [steps, B, 2, 3]
     identity = transforms == T.Transforms.none()
-    opt = _Adam(image.tensor, lr=s.lr)
+    opt = _Adam(image.tensor, lr=plan.lr)
 
     def forward(x01: torch.Tensor, amp: bool) -> torch.Tensor:
         x = preprocess_input(model, x01)
@@ -431,7 +437,7 @@ def _optimize(
                 x01 = T.apply(img, thetas[step], plan.out_size, fill=transforms.fill)
             loss = -forward(x01, plan.amp).sum()
             loss.backward()
-        opt.lr = learning_rate(step, s.steps, s.lr, s.schedule)
+        opt.lr = learning_rate(step, s.steps, plan.lr, plan.schedule)
         opt.step()
         if bar is not None:
             bar.update(1)

