@@ -36,6 +36,7 @@ from ..layers import capture, layer_names, run_until
 from ..models import input_shape, preprocess_input
 from . import transforms as T
 from .cache import FeatureVisCache, as_cache
+from .fastops import fast_ops
 from .objectives import Objective, as_objective, evaluate_batch
 from .param import ImageParam, describe
 from .relu import redirected_relu
@@ -225,6 +226,7 @@ class _Plan:
     redirect_steps: int
     amp: bool
     channels_last: bool
+    fast_lrn: bool
     device: torch.device
     dtype: torch.dtype
 
@@ -266,8 +268,9 @@ def _plan(model: nn.Module, s: RenderSettings, device: Union[str, torch.device, 
     lr, schedule = default_optimizer(size)
     lr = s.lr if s.lr is not None else lr
     schedule = s.schedule if s.schedule is not None else schedule
+    fast_lrn = any(isinstance(m, nn.LocalResponseNorm) for m in model.modules())
     return _Plan(s, channels, size, out_size, _resolve_transforms(s.transforms, size), lr, schedule, s.redirect_steps(),
-                 amp, channels_last, dev, dtype)
+                 amp, channels_last, fast_lrn, dev, dtype)
 
 
 def _request_base(model: nn.Module, p: _Plan) -> dict:
@@ -428,19 +431,20 @@ def _optimize(
             acts = run_until(model, x, layers)
         return evaluate_batch(objectives, acts).float()
 
-    for step in range(s.steps):
-        with redirected_relu(step < plan.redirect_steps):
-            img = image()
-            if identity:
-                x01 = T.resize(img, plan.out_size)
-            else:
-                x01 = T.apply(img, thetas[step], plan.out_size, fill=transforms.fill)
-            loss = -forward(x01, plan.amp).sum()
-            loss.backward()
-        opt.lr = learning_rate(step, s.steps, plan.lr, plan.schedule)
-        opt.step()
-        if bar is not None:
-            bar.update(1)
+    with fast_ops(plan.fast_lrn):
+        for step in range(s.steps):
+            with redirected_relu(step < plan.redirect_steps):
+                img = image()
+                if identity:
+                    x01 = T.resize(img, plan.out_size)
+                else:
+                    x01 = T.apply(img, thetas[step], plan.out_size, fill=transforms.fill)
+                loss = -forward(x01, plan.amp).sum()
+                loss.backward()
+            opt.lr = learning_rate(step, s.steps, plan.lr, plan.schedule)
+            opt.step()
+            if bar is not None:
+                bar.update(1)
     with torch.no_grad():
         final = image()
         values = forward(T.resize(final, plan.out_size), False)
