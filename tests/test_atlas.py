@@ -89,7 +89,9 @@ def test_featurevis_cache_requests_are_what_render_stores(model, tmp_path):
     # a single target, and the mixed-precision flag follows the device type
     assert fv_requests(model, "mixed3a:5", **opts) == requests[:1]
     assert fv_requests(model, "mixed3a:5", mixed_precision=True, device="cuda", **opts)[0]["mixed_precision"] is True
-    assert fv_requests(model, "mixed3a:5", mixed_precision=True, **opts)[0]["mixed_precision"] is False
+    from circuits.featurevis import bf16_autocast_supported
+
+    assert fv_requests(model, "mixed3a:5", mixed_precision=True, **opts)[0]["mixed_precision"] is bf16_autocast_supported("cpu")
     with pytest.raises(TypeError, match="stepz"):
         fv_requests(model, targets, stepz=3)
     with pytest.raises(ValueError, match="steps"):

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from .._io import PathLike, atomic_write_text, state_dict_hash
 from ..datasets import resolve_dataset
 from ..figures.pages import PageSettings, split_overrides
-from ..layers import capture, get_layer, layer_names, run_until, split_call
-from ..models import device_and_dtype, preprocess_input
+from ..layers import get_layer, layer_names, split_call
+from ..models import device_and_dtype
 from ..models import input_shape as model_input_shape
 from ..wiring import NeuronSpec, channel_counts, default_upstream, interesting_layers, select_neurons
 from .store import ResultStore
@@ -265,12 +265,9 @@ def _task_relpath(kind: str, request: Mapping[str, Any]) -> str:
 
 def _floats_per_image(model: nn.Module, layer: str, out_size: tuple[int, int]) -> int:
     """Activation floats one image produces up to ``layer`` (every named layer's output + the input)."""
-    dev, dtype = device_and_dtype(model)
-    channels = model_input_shape(model)[0]
-    x = preprocess_input(model, torch.full((1, channels, *out_size), 0.5, device=dev, dtype=dtype))
-    with torch.no_grad(), capture(model, layer_names(model, tuple(x.shape[1:])), detach=True) as acts:
-        run_until(model, x, [layer], detach=True)
-    return int(sum(v.numel() for v in acts.values()) + x.numel())
+    from ..featurevis import activation_floats_per_image
+
+    return activation_floats_per_image(model, [layer], out_size)
 
 
 def batch_size_for(model: nn.Module, layer: str, device: Union[str, torch.device, None] = None,
