@@ -75,8 +75,8 @@ ESTIMATE_CONFIGS = {
     "tests": dict(layers=["mixed3a", "mixed3b", "mixed4a"], steps=2, top_k=2, dataset_size=64, n_examples=3, seed=3),
     # renders dominate: mixed3a's 112 neurons and their 124 inputs, 48 steps
     "renders": dict(layers=["mixed3a"], steps=48, top_k=4, dataset_size=256, n_examples=4, seed=0),
-    # the default page settings (top 50, 2000 dataset images, 8 examples) on 24 neurons per layer, 16 steps
-    "defaults": dict(layers=["mixed3b", "mixed4a"], neurons=24, steps=16, seed=0),
+    # the default page settings (top 50, 2000 dataset images, 8 examples) on 16 neurons per layer, 16 steps
+    "defaults": dict(layers=["mixed3b", "mixed4a"], neurons=16, steps=16, seed=0),
 }
 
 _ESTIMATE_SCRIPT = """

@@ -94,6 +94,7 @@ def test_folder_lock_excludes_reports_and_releases(tmp_path):
     with FolderLock(tmp_path / "a", wait=True, on_wait=messages.append) as second:
         assert second.held and time.monotonic() - t0 >= 0.45
     assert len(messages) == 1 and f"pid {os.getpid()}" in messages[0]
+    assert len(second.notes) == 1 and second.notes[0].startswith("waited ") and f"pid {os.getpid()}" in second.notes[0]
     for bad in (-1, "soon", None):
         with pytest.raises(ValueError, match="wait"):
             FolderLock(tmp_path / "c", wait=bad)
@@ -172,7 +173,7 @@ def test_build_atlas_refuses_or_waits_for_a_held_folder(model, tmp_path):
     result = build_atlas(model, ["mixed3a"], out, cache=store, progress=False, wait=True, **TINY)
     assert time.monotonic() - t0 >= 0.9 and result.completed and result.report.rendered == 4
     assert not (out / LOCK_NAME).exists() and not (store / LOCK_NAME).exists()
-    assert result.notes == []
+    assert len(result.notes) == 1 and result.notes[0].startswith("waited ") and str(out.resolve()) in result.notes[0]
 
 
 _CONCURRENT = """
@@ -189,7 +190,7 @@ try:
     r = build_atlas(model, ["mixed3a"], out, progress=False, wait=mode == "wait", threads=1, neurons=6,
                     upstream_renders="none", dataset=None, steps=1, top_k=2)
     res = {"ok": True, "rendered": r.report.rendered, "pages_rendered": r.pages_rendered,
-           "tasks_run": r.report.tasks_run, "pages_built": r.pages_built, "completed": r.completed}
+           "tasks_run": r.report.tasks_run, "pages_built": r.pages_built, "completed": r.completed, "notes": r.notes}
 except AtlasLockedError as exc:
     res = {"ok": False, "error": str(exc)}
 Path(report).write_text(json.dumps(res))
@@ -228,6 +229,8 @@ def test_concurrent_runs_into_one_folder_render_each_image_once(model, tmp_path)
     refused = [r for r in reports if not r["ok"]]
     for r in refused:
         assert "is in use by another atlas run (pid " in r["error"] and "--wait" in r["error"]
+    waited = [r for r in done if any(n.startswith("waited ") for n in r["notes"])]
+    assert len(waited) + len(refused) >= 1  # they did meet at the lock (each run takes seconds; they start together)
     # each image once: what the runs say they rendered is what the cache holds, and no more
     images = _npz(out / "cache")
     fv = [p for p in images if "atlas-tasks" not in p.parts]

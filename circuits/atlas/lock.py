@@ -172,7 +172,7 @@ class FolderLock:
         heartbeat: seconds between the holder's heartbeats.
         on_wait: called once with a message when the lock is busy and ``wait`` says to wait.
 
-    ``notes`` lists what happened that a person should know (a stale lock taken over).
+    ``notes`` lists what happened that a person should know (a stale lock taken over, a wait).
     """
 
     def __init__(self, folder: PathLike, *, wait: Union[bool, float] = False,
@@ -216,11 +216,17 @@ class FolderLock:
         t0 = time.monotonic()
         told = False
         delay = 0.05
+        waited_for: Optional[LockHolder] = None
         while True:
             holder = self._attempt()
             if holder is None:
+                if waited_for is not None:
+                    self.notes.append(f"waited {_duration(time.monotonic() - t0)} for another atlas run to finish with "
+                                      f"{self.folder} (pid {waited_for.pid} on {waited_for.host})")
                 return
             waited = time.monotonic() - t0
+            if holder.pid is not None:
+                waited_for = holder
             # a holder not yet written, or a lock file replaced under us, is a moment's state: look again
             unsettled = holder.pid is None and waited < 2.0
             if not unsettled and self.max_wait is not None and waited >= self.max_wait:
