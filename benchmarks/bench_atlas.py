@@ -95,7 +95,8 @@ else:
     out["by_kind"] = {}
     for r in result.report.results:
         out["by_kind"][r["kind"]] = out["by_kind"].get(r["kind"], 0.0) + r["seconds"]
-    out["pages"] = result.seconds - result.report.seconds
+    out["plan"] = result.plan_seconds
+    out["pages"] = result.seconds - result.report.seconds - result.plan_seconds
 print("RESULT " + json.dumps(out))
 """
 
@@ -124,12 +125,14 @@ def estimate_accuracy(configs: list[str], repeats: int, threads: int) -> list[di
             est = dry["estimate"]
             ratio = est["total_seconds"] / run["seconds"]
             parts = ", ".join(f"{k} {v:.1f}" for k, v in est["seconds"].items())
-            real = ", ".join(f"{k} {v:.1f}" for k, v in run["by_kind"].items()) + f", pages+rest {run['pages']:.1f}"
+            real = (f"plan {run['plan']:.1f}, " + ", ".join(f"{k} {v:.1f}" for k, v in run["by_kind"].items())
+                    + f", pages and the rest {run['pages']:.1f}")
             print(f"[atlas estimate] {name} #{i + 1}: estimated {est['total_seconds']:.1f} s ({parts}) | measured "
                   f"{run['seconds']:.1f} s ({real}) | estimate/measured {ratio:.2f} | dry run {dry['seconds']:.1f} s "
                   f"| load average {os.getloadavg()[0]:.1f} | {wall:.0f} s with process start-ups", flush=True)
             rows.append({"config": name, "repeat": i + 1, "estimate_s": est["total_seconds"], "measured_s": run["seconds"],
                          "ratio": ratio, "estimate": est["seconds"], "measured": run["by_kind"], "pages_s": run["pages"],
+                         "plan_s": run["plan"],
                          "dry_run_s": dry["seconds"]})
     within = sum(abs(r["ratio"] - 1) <= 0.3 for r in rows)
     print(f"[atlas estimate] {within} of {len(rows)} estimates within 30% of the measured time; ratios "

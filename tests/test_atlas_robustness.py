@@ -123,6 +123,27 @@ def test_folder_lock_heartbeat_and_other_hosts(tmp_path):
         assert time.time() - path.stat().st_mtime < 5
 
 
+def test_folder_lock_without_os_locks_goes_by_pid(tmp_path, monkeypatch):
+    """On a file system without flock, the pid decides for a holder on this host."""
+    import circuits.atlas.lock as lock_module
+
+    monkeypatch.setattr(lock_module, "_try_lock", lambda fd: None)
+    folder = tmp_path / "nolocks"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": host, "started": time.time()}))
+    with FolderLock(folder) as lock:
+        assert f"pid {dead.pid} on {host}" in lock.notes[0] and "ended without releasing it" in lock.notes[0]
+        with pytest.raises(AtlasLockedError, match=f"pid {os.getpid()} on"):  # alive: this process
+            FolderLock(folder).acquire()
+    assert not (folder / LOCK_NAME).exists()
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": host, "started": time.time()}))
+    with pytest.raises(AtlasLockedError, match=f"pid {os.getppid()} on"):
+        FolderLock(folder).acquire()
+
+
 def test_clean_leftovers_only_touches_atomic_write_names(tmp_path):
     from circuits._io import atomic_path
 
@@ -427,5 +448,11 @@ def test_dry_run_estimates_every_part_and_writes_nothing(model, tmp_path):
     again = build_atlas(model, ["mixed3a"], out, dry_run=True, progress=False, **SMALL).estimate
     assert again.pending == {"tables": 0, "examples": 0, "render": 0}
     assert again.seconds["render"] == again.seconds["tables"] == again.seconds["examples"] == again.seconds["pages"] == 0
+    # more steps than the calibration runs: extrapolated (redirected-ReLU steps apart from the others)
+    short = build_atlas(model, ["mixed3a"], tmp_path / "s", dry_run=True, progress=False, pages=False, **TINY).estimate
+    long = build_atlas(model, ["mixed3a"], tmp_path / "l", dry_run=True, progress=False, pages=False,
+                       calibration_steps=2, **dict(TINY, steps=40)).estimate
+    assert short.seconds["pages"] == long.seconds["pages"] == 0 and long.seconds_per_step["mixed3a"] > 0
+    assert long.seconds["render"] > 3 * short.seconds["render"] > 0  # 40 steps against 1
     with pytest.raises(ValueError, match="calibration_steps"):
         build_atlas(model, ["mixed3a"], out, dry_run=True, progress=False, calibration_steps=0, **TINY)

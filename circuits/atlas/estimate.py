@@ -4,10 +4,11 @@
 kind of work the run will do, with the run's settings and thread count, and scales each up:
 
 - **renders**, per layer with pending renders: one task batch of the layer's real targets,
-  rendered for 0 steps and for ``k = calibration_steps`` steps (into a throw-away cache, so
-  the writes are timed too). A task of ``n`` images and ``steps`` steps costs
-  ``(t0 + steps · (tk - t0) / k) · n / batch``; when ``steps <= k`` the batch is simply
-  rendered for ``steps`` steps.
+  rendered for 0 steps and for ``k = calibration_steps`` steps, with and without the
+  redirected ReLU (into a throw-away cache, so the writes are timed too): the first 16 steps,
+  which use the redirected ReLU, cost up to 1.5 times the others. A task of ``n`` images
+  costs ``(t0 + redirected steps · a + other steps · b) · n / batch``; when ``steps <= k``
+  the batch is simply rendered for ``steps`` steps.
 - **tables**, per pending ``tables`` task: the real task on one neuron (twice: the first call
   on a layer costs more, and so does the run's) and on up to :data:`TABLES_NEURONS` neurons of
   the layer, fitted as ``a + b · neurons``.
@@ -70,7 +71,8 @@ class PlanEstimate:
         renders_pending: images still to render.
         seconds: estimated seconds per phase of the run (:data:`PHASES`: planning, start-up,
             tables, examples, render, pages), on one device with ``threads`` torch threads.
-        seconds_per_step: calibrated seconds of one optimisation step of one full task batch, per layer.
+        seconds_per_step: calibrated seconds of one optimisation step of one full task batch, per
+            layer (the mean over the run's steps).
         calibration_seconds: wall time the calibration took.
         threads: torch threads the calibration (and so the estimate) used.
         pages_files: files the pages are estimated to have (0 when no pages will be built).
@@ -170,17 +172,22 @@ def _render_seconds(plan: AtlasPlan, model: nn.Module, pending: list[AtlasTask],
                     calibration_steps: int, max_batch: Optional[int], progress: bool
                     ) -> tuple[float, dict[str, float]]:
     from ..featurevis import FeatureVisCache, render
+    from ..featurevis.rendering import REDIRECT_STEPS
 
     opts = {k: v for k, v in plan.render.items() if k != "steps"}
     steps = int(plan.render.get("steps", 512))
+    relu = opts.get("redirected_relu", True)
+    redirect = REDIRECT_STEPS if relu is True else (0 if relu is False else int(relu))
     layers = list(dict.fromkeys(t.layer for t in pending))
     if not layers:
         return 0.0, {}
     folders = iter(range(1 << 30))
+    k = calibration_steps
 
-    def run(targets: list[str], n_steps: int) -> Callable[[], Any]:
+    def run(targets: list[str], n_steps: int, **changes: Any) -> Callable[[], Any]:
+        kw = dict(opts, **changes)
         return lambda: render(model, targets, steps=n_steps, cache=FeatureVisCache(tmp / f"render-{next(folders)}"),
-                              batch_size=len(targets), progress=False, **opts)
+                              batch_size=len(targets), progress=False, **kw)
 
     clock.warm(run(pending[0].targets[:1], 0))
     total, per_step = 0.0, {}
@@ -189,17 +196,20 @@ def _render_seconds(plan: AtlasPlan, model: nn.Module, pending: list[AtlasTask],
         full = plan.batch_sizes[layer]
         nb = full if max_batch is None else min(full, max_batch)
         targets = (tasks[0].targets * math.ceil(nb / len(tasks[0].targets)))[:nb]
-        if steps <= calibration_steps:  # a short run: time the real thing
+        if steps <= k:  # a short run: time the real thing
             t_task = clock(run(targets, steps))
             per_step[layer] = t_task / (steps + 1) * full / nb
         else:
+            # steps with the redirected ReLU (the first ``redirect``) cost more than the others
             t0 = clock(run(targets, 0))
-            tk = clock(run(targets, calibration_steps))
-            step = (tk - t0) / calibration_steps
-            if step <= 0:  # noise larger than the steps: count the whole call as steps
-                step = tk / (calibration_steps + 1)
-            per_step[layer] = step * full / nb
-            t_task = t0 + steps * step
+            plain = redirected = 0.0
+            if steps > redirect:
+                plain = max(clock(run(targets, k, redirected_relu=False)) - t0, 0.0) / k
+            if redirect:
+                t_r = clock(run(targets, k))
+                redirected = max(t_r - t0 - max(0, k - redirect) * plain, 0.0) / min(k, redirect)
+            t_task = t0 + min(steps, redirect) * redirected + max(0, steps - redirect) * plain
+            per_step[layer] = (t_task - t0) / steps * full / nb
         total += sum(t_task * t.size / nb for t in tasks)
     return total, per_step
 

@@ -16,7 +16,9 @@ the folder, or waits for it (``wait``). A run that was killed leaves the file be
 the ``flock`` (the kernel drops it with the process), so the next run on the same host knows
 the holder is gone, takes the lock over and says so. A holder on another host (a shared
 network folder whose file system does not share ``flock``) counts as gone when its heartbeat
-is older than ``stale_after`` seconds.
+is older than ``stale_after`` seconds. On a file system without ``flock`` at all, a holder on
+this host counts as gone when its pid is no longer running (best effort: two runs starting
+in the same instant are told apart by who wrote the file last).
 
 :func:`clean_leftovers` removes the temporary files of atomic writes (``.<name>.<random>.tmp``,
 see :func:`circuits._io.atomic_path`) that a killed run left in folders the caller holds.
@@ -24,6 +26,7 @@ see :func:`circuits._io.atomic_path`) that a killed run left in folders the call
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -59,19 +62,26 @@ TMP_GRACE_SECONDS = 60.0
 # atomic writes: ".<final name>.<mkstemp's 8 characters or a uuid's 32>.tmp"; check_writable's probe
 _LEFTOVER = re.compile(r"^\..+\.[A-Za-z0-9_]{8,32}\.tmp$|^\.write-test-[A-Za-z0-9_]{8}$")
 
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 
-def _try_lock(fd: int) -> bool:
-    """Take the exclusive OS lock on ``fd`` without blocking; ``False`` when someone holds it."""
+def _try_lock(fd: int) -> Optional[bool]:
+    """Take the exclusive OS lock on ``fd`` without blocking: ``True`` taken, ``False`` someone
+    holds it, ``None`` the file system has no such locks (the holder's pid and heartbeat decide)."""
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
             return False
+        except OSError as exc:
+            if exc.errno in _NO_LOCKS:
+                return None
+            raise
         return True
     import msvcrt  # pragma: no cover - Windows
 
@@ -81,6 +91,18 @@ def _try_lock(fd: int) -> bool:
     except OSError:  # pragma: no cover
         return False
     return True  # pragma: no cover
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:  # pragma: no cover - e.g. Windows without the process
+        return False
+    return True
 
 
 def _unlock(fd: int) -> None:
@@ -113,6 +135,7 @@ class LockHolder:
     started: float
     heartbeat: float
     command: str = ""
+    token: str = ""
 
     @classmethod
     def read(cls, path: Path) -> Optional["LockHolder"]:
@@ -133,7 +156,8 @@ class LockHolder:
             return None
         try:
             d = json.loads(text)
-            return cls(int(d["pid"]), str(d["host"]), float(d["started"]), mtime, str(d.get("command", "")))
+            return cls(int(d["pid"]), str(d["host"]), float(d["started"]), mtime, str(d.get("command", "")),
+                       str(d.get("token", "")))
         except (ValueError, KeyError, TypeError):
             return cls(None, "", mtime, mtime)
 
@@ -193,6 +217,7 @@ class FolderLock:
         self.on_wait = on_wait
         self.notes: list[str] = []
         self._fd: Optional[int] = None
+        self._os_lock = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -243,7 +268,8 @@ class FolderLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         keep = False
         try:
-            if not _try_lock(fd):
+            os_lock = _try_lock(fd)
+            if os_lock is False:
                 return LockHolder.read(self.path) or LockHolder(None, "", 0.0, 0.0)
             try:
                 here = os.stat(self.path)
@@ -255,30 +281,38 @@ class FolderLock:
             os.lseek(fd, 0, os.SEEK_SET)
             previous = LockHolder.parse(os.read(fd, 1 << 16).decode("utf-8", "replace"), mine.st_mtime)
             if previous is not None:
-                if not self._is_gone(previous):
-                    _unlock(fd)
+                if not self._is_gone(previous, os_lock is True):
+                    if os_lock:
+                        _unlock(fd)
                     return previous
                 self.notes.append(
                     f"took over the lock of {self.folder} from an earlier run that ended without releasing it "
                     f"({previous.describe()}; killed or lost?)"
                 )
             record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                      "command": " ".join(sys.argv)[:300]}
+                      "command": " ".join(sys.argv)[:300], "token": os.urandom(8).hex()}
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, json.dumps(record).encode("utf-8"))
             os.fsync(fd)
-            self._fd, keep = fd, True
+            if os_lock is None:  # no OS lock: the last of two simultaneous writers wins, the other backs off
+                time.sleep(0.05)
+                now = LockHolder.read(self.path)
+                if now is None or now.token != record["token"]:
+                    return now or LockHolder(None, "", 0.0, 0.0)
+            self._fd, self._os_lock, keep = fd, bool(os_lock), True
             self._start_heartbeat()
             return None
         finally:
             if not keep:
                 os.close(fd)
 
-    def _is_gone(self, previous: LockHolder) -> bool:
-        """With the OS lock in hand: is the run recorded in the file gone?"""
+    def _is_gone(self, previous: LockHolder, os_locked: bool) -> bool:
+        """Is the run recorded in the lock file gone? With the OS lock in hand, a run of this
+        host is (the kernel dropped its lock when it ended); without OS locks, a run of this
+        host is gone when its process is; a run of another host when its heartbeat is stale."""
         if previous.pid is not None and previous.host == socket.gethostname():
-            return True  # the kernel dropped its lock: the process ended
+            return os_locked or not _pid_alive(previous.pid)
         return time.time() - previous.heartbeat > self.stale_after
 
     # -- holding
@@ -314,7 +348,8 @@ class FolderLock:
         except OSError:
             pass
         try:
-            _unlock(fd)
+            if self._os_lock:
+                _unlock(fd)
         finally:
             os.close(fd)
 

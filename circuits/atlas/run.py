@@ -56,7 +56,7 @@ class AtlasResult:
         pages_rendered: images the page builder had to render (0: the plan covered them all).
         pages_built: whether this call (re)built the pages.
         notes: what a person should know about the run (a stale lock taken over, leftovers removed).
-        seconds: wall time of the call.
+        seconds: wall time of the call; ``plan_seconds``: of making the plan.
     """
 
     plan: AtlasPlan
@@ -69,6 +69,7 @@ class AtlasResult:
     pages_built: bool = False
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    plan_seconds: float = 0.0
 
     @property
     def completed(self) -> bool:
@@ -172,7 +173,7 @@ def build_atlas(
         plan = make_plan(model, layers, **plan_kwargs)
         plan_seconds = time.perf_counter() - t0
         plan.save(out / "plan.json")
-        result = AtlasResult(plan, store, out, notes=notes)
+        result = AtlasResult(plan, store, out, notes=notes, plan_seconds=plan_seconds)
         marker = out / "atlas.json"
         index = out / "pages" / "index.html"
         fp = plan.fingerprint()
