@@ -146,9 +146,9 @@ def build_atlas(
         pages: build the neuron pages once every task is done.
         progress: progress bars.
         max_tasks: local engine: stop after this many tasks (resume later).
-        threads: torch CPU threads: of this process for the local engine and the pages
-            (restored afterwards), of each task on Ray (which reserves that many CPU slots).
-            Default: the number in force here; one per task on Ray.
+        threads: torch CPU threads: of this process for planning, the local engine, the dry
+            run and the pages (restored afterwards), of each task on Ray (which reserves that
+            many CPU slots). Default: the number in force here; one per task on Ray.
         wait: when another run holds ``out_dir`` or the store: ``False`` raise
             :class:`~circuits.atlas.lock.AtlasLockedError` at once, ``True`` wait for it, a
             number wait at most that many seconds.
@@ -167,7 +167,7 @@ def build_atlas(
     out = check_writable(out_dir)
     store = ResultStore(cache if cache is not None else out / "cache", storage_options)
     on_wait = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else None
-    with _locked(out, store, wait, on_wait) as locks:
+    with _locked(out, store, wait, on_wait) as locks, torch_threads(threads):
         notes = [n for lock in locks for n in lock.notes] + _clean(out, store)
         t0 = time.perf_counter()
         plan = make_plan(model, layers, **plan_kwargs)
@@ -209,8 +209,7 @@ def _run(result: AtlasResult, model: nn.Module, engine: str, pages: bool, pages_
         return
     index = out / "pages" / "index.html"
     if not pages_done:
-        with torch_threads(threads):
-            index, rendered = build_atlas_pages(plan, model, store, out, progress=progress)
+        index, rendered = build_atlas_pages(plan, model, store, out, progress=progress)
         result.pages_rendered, result.pages_built = rendered, True
         atomic_write_text(out / "atlas.json", json.dumps({
             "plan": plan.fingerprint(), "model": plan.model_hash, "store": store.location, "neurons": plan.n_neurons,
