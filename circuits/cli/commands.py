@@ -32,12 +32,18 @@ def load_model(args: argparse.Namespace) -> nn.Module:
     with torch's thread count set from ``--threads``."""
     check_device(args.device)
     model = resolve_model(args.model, args.weights, args.sha256, args.device)
-    threads = getattr(args, "threads", None)
-    if threads is None and torch.device(args.device).type == "cpu" and max(input_shape(model)[1:]) <= 64:
-        threads = 1
+    threads = _threads(args, model)
     if threads is not None:
         torch.set_num_threads(threads)
     return model
+
+
+def _threads(args: argparse.Namespace, model: nn.Module) -> Any:
+    """``--threads``, else 1 for small models on the CPU (tiny convolutions gain nothing from threads), else None."""
+    threads = getattr(args, "threads", None)
+    if threads is None and torch.device(args.device).type == "cpu" and max(input_shape(model)[1:]) <= 64:
+        threads = 1
+    return threads
 
 
 def _layers_only(values: Any, what: str) -> None:
@@ -266,20 +272,24 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
     if args.engine == "ray" and args.max_tasks is not None:
         raise UsageError("--max-tasks is for the local engine")
-    _layers_only(args.layers, "--layers")
     if args.engine == "local":
         check_device(args.device)
     model = resolve_model(args.model, args.weights, args.sha256, "cpu")
+    # the local engine runs here: the small-model default applies; on Ray a task runs one thread unless --threads
+    threads = _threads(args, model) if args.engine == "local" else args.threads
     render = {"size": args.size} if args.size else {}
     result = build_atlas(
         model, args.layers, args.out, engine=args.engine, cache=args.store, dry_run=args.dry_run,
-        pages=not args.no_pages, progress=_progress(args), max_tasks=args.max_tasks, address=args.address,
+        pages=not args.no_pages, progress=_progress(args), max_tasks=args.max_tasks, threads=threads,
+        wait=args.wait, address=args.address,
         num_cpus=args.num_cpus, max_retries=args.max_retries, neurons=args.per_layer, steps=args.steps,
         seed=args.seed, batch_size=args.batch_size, device=args.device, top_k=args.top_k,
         upstream_renders="none" if args.no_upstream_renders else "all",
         dataset=None if args.no_dataset else "auto", dataset_size=args.dataset_size, n_examples=args.examples,
         **render,
     )
+    for note in result.notes:
+        print(f"note: {note}")
     print(result.plan.summary(result.store))
     if result.estimate is not None:
         print(result.estimate)

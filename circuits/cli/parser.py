@@ -43,6 +43,17 @@ def non_negative_int(text: str) -> int:
     return _int(text, 0, "an integer >= 0")
 
 
+def seconds(text: str) -> float:
+    """``type=`` for a finite number of seconds ``>= 0``."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0.0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+    return v
+
+
 def fraction(text: str) -> float:
     """``type=`` for a number in ``[0, 1]``."""
     try:
@@ -218,8 +229,12 @@ def _atlas(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cache", dest="store", default=None,
                    help="result store: a folder or an fsspec URL shared by all workers (default: OUT/cache)")
     g.add_argument("--engine", choices=("local", "ray"), default="local", help="local (one process) or ray (default: %(default)s)")
-    g.add_argument("--dry-run", action="store_true", help="print the plan and the estimated device time; render nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan and its estimated run time (from a short real run of each part); render nothing")
     g.add_argument("--max-tasks", type=non_negative_int, default=None, help="local engine: stop after this many tasks")
+    g.add_argument("--wait", type=seconds, nargs="?", const=True, default=False, metavar="SECONDS",
+                   help="when another run is using --out or --cache: wait for it (at most SECONDS if given) "
+                        "instead of stopping with exit status 2")
     g.add_argument("--address", default=None, help="ray: an existing cluster (auto, ray://host:10001); default: start a local one")
     g.add_argument("--num-cpus", type=positive_int, default=None, help="ray: CPU slots of a local cluster started here")
     g.add_argument("--max-retries", type=non_negative_int, default=3, help="ray: retries of a failed task (default: %(default)s)")
