@@ -22,8 +22,17 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 
-# Reinstall only when the dependency list changed.
+# The distribution is `torch-circuits`. A distribution named `circuits` (this project's old
+# name, or the unrelated event framework of that name on PyPI) installs the same top-level
+# `circuits` package: remove it and force the reinstall below.
 stamp=.venv/.circuits-installed
+if .venv/bin/python -I -c "import importlib.metadata as m; m.distribution('circuits')" 2>/dev/null; then
+  echo "setup: removing the distribution 'circuits' (it owns the same top-level package as torch-circuits)"
+  .venv/bin/python -m pip uninstall -q -y circuits
+  rm -f "$stamp"
+fi
+
+# Reinstall only when the dependency list changed.
 want=$(cat pyproject.toml .ci/setup.sh | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing Python packages into .venv (first time: several minutes)"

@@ -11,14 +11,25 @@ starting its local cluster. Lucent: one ``render_vis`` call per neuron
 
 The GPU figure the issue asks for (every channel of InceptionV1 mixed3a–mixed4e at 128 px and
 512 steps) needs a GPU and is not measured here; ``--dry-run-gpu`` prints the plan's size.
+
+``--estimate``: how close the dry run's estimate comes to the run it estimates. For each
+configuration of the bundled FashionInception atlas (``--configs``), ``--repeats`` times: a
+fresh process makes the dry run (``build_atlas(dry_run=True)``), then another fresh process
+makes the run into the same folder, as ``circuits atlas --dry-run`` and ``circuits atlas``
+would; both time ``build_atlas`` after the model is loaded. Prints estimate ÷ measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,6 +69,77 @@ def _lucent_one_at_a_time(model: torch.nn.Module, channels: list[int], steps: in
                            show_image=False, progress=False, fixed_image_size=size)
 
 
+#: Atlas configurations for ``--estimate``: build_atlas arguments (FashionInception, CPU).
+ESTIMATE_CONFIGS = {
+    # the tests' atlas: 496 pages, 720 images of 2 steps, 64 dataset images; pages and overheads dominate
+    "tests": dict(layers=["mixed3a", "mixed3b", "mixed4a"], steps=2, top_k=2, dataset_size=64, n_examples=3, seed=3),
+    # renders dominate: mixed3a's 112 neurons and their 124 inputs, 48 steps
+    "renders": dict(layers=["mixed3a"], steps=48, top_k=4, dataset_size=256, n_examples=4, seed=0),
+    # the default page settings (top 50, 2000 dataset images, 8 examples) on 16 neurons per layer, 16 steps
+    "defaults": dict(layers=["mixed3b", "mixed4a"], neurons=16, steps=16, seed=0),
+}
+
+_ESTIMATE_SCRIPT = """
+import json, sys, time
+from circuits.atlas import build_atlas
+from circuits.models import load_model
+cfg = json.loads(sys.argv[1])
+model = load_model().eval()
+layers = cfg.pop("layers")
+result = build_atlas(model, layers, sys.argv[2], dry_run=sys.argv[3] == "dry", progress=False, **cfg)
+out = {"seconds": result.seconds}
+if result.estimate is not None:
+    out["estimate"] = result.estimate.to_dict()
+else:
+    out["rendered"] = result.report.rendered
+    out["by_kind"] = {}
+    for r in result.report.results:
+        out["by_kind"][r["kind"]] = out["by_kind"].get(r["kind"], 0.0) + r["seconds"]
+    out["plan"] = result.plan_seconds
+    out["pages"] = result.seconds - result.report.seconds - result.plan_seconds
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _atlas_process(config: dict, out: str, mode: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", _ESTIMATE_SCRIPT, json.dumps(config), out, mode],
+                          capture_output=True, text=True, env=env, check=False)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"atlas {mode} process failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def estimate_accuracy(configs: list[str], repeats: int, threads: int) -> list[dict]:
+    """Dry run then run, each in a fresh process, ``repeats`` times per configuration."""
+    rows = []
+    for name in configs:
+        config = dict(ESTIMATE_CONFIGS[name], threads=threads)
+        for i in range(repeats):
+            with tempfile.TemporaryDirectory(prefix="bench-atlas-estimate-") as tmp:
+                t0 = time.perf_counter()
+                dry = _atlas_process(config, tmp, "dry")
+                run = _atlas_process(config, tmp, "run")
+                wall = time.perf_counter() - t0
+            est = dry["estimate"]
+            ratio = est["total_seconds"] / run["seconds"]
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in est["seconds"].items())
+            real = (f"plan {run['plan']:.1f}, " + ", ".join(f"{k} {v:.1f}" for k, v in run["by_kind"].items())
+                    + f", pages and the rest {run['pages']:.1f}")
+            print(f"[atlas estimate] {name} #{i + 1}: estimated {est['total_seconds']:.1f} s ({parts}) | measured "
+                  f"{run['seconds']:.1f} s ({real}) | estimate/measured {ratio:.2f} | dry run {dry['seconds']:.1f} s "
+                  f"| load average {os.getloadavg()[0]:.1f} | {wall:.0f} s with process start-ups", flush=True)
+            rows.append({"config": name, "repeat": i + 1, "estimate_s": est["total_seconds"], "measured_s": run["seconds"],
+                         "ratio": ratio, "estimate": est["seconds"], "measured": run["by_kind"], "pages_s": run["pages"],
+                         "plan_s": run["plan"],
+                         "dry_run_s": dry["seconds"]})
+    within = sum(abs(r["ratio"] - 1) <= 0.3 for r in rows)
+    print(f"[atlas estimate] {within} of {len(rows)} estimates within 30% of the measured time; ratios "
+          + ", ".join(f"{r['ratio']:.2f}" for r in rows), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--neurons", type=int, default=32)
@@ -69,7 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--skip-lucent", action="store_true")
     p.add_argument("--dry-run-gpu", action="store_true", help="print the size of the mixed3a–mixed4e GPU plan and exit")
+    p.add_argument("--estimate", action="store_true", help="compare the dry run's estimate with real runs, and exit")
+    p.add_argument("--configs", nargs="+", default=list(ESTIMATE_CONFIGS), choices=list(ESTIMATE_CONFIGS),
+                   help="--estimate: atlas configurations (default: all)")
+    p.add_argument("--repeats", type=int, default=3, help="--estimate: dry run + run pairs per configuration")
     args = p.parse_args(argv)
+    if args.estimate:
+        return {"estimate": estimate_accuracy(args.configs, args.repeats, args.threads), "machine": machine()}
     torch.set_num_threads(args.threads)
     ours, lucent_model = _models()
     results: dict = {"machine": machine(), "neurons": args.neurons, "steps": args.steps, "size": args.size}

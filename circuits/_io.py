@@ -85,23 +85,24 @@ def state_dict_hash(module_or_state: Union["torch.nn.Module", dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_writable(out_dir: PathLike) -> Path:
+def check_writable(out_dir: PathLike, what: str = "output folder", hint: str = "choose another with --out") -> Path:
     """Create ``out_dir`` if needed and prove a file can be written there.
 
-    Raises ``PermissionError`` / ``NotADirectoryError`` with a message that names the folder,
-    before any expensive work starts and without leaving anything behind.
+    Raises ``PermissionError`` / ``NotADirectoryError`` with a message that names the folder
+    (as ``what``) and says what to do (``hint``), before any expensive work starts and without
+    leaving anything behind.
     """
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output path {out} exists and is not a folder; choose another with --out")
+        raise NotADirectoryError(f"{what} {out} exists and is a file, not a folder; {hint}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except PermissionError:
-        raise PermissionError(f"cannot write to output folder {out}: permission denied; choose another with --out") from None
+        raise PermissionError(f"cannot write to {what} {out}: permission denied; {hint}") from None
     except OSError as exc:
-        raise PermissionError(f"cannot write to output folder {out}: {exc.strerror or exc}; choose another with --out") from None
+        raise PermissionError(f"cannot write to {what} {out}: {exc.strerror or exc}; {hint}") from None
     return out
 
 

@@ -22,6 +22,12 @@ Overrides are a mapping; a key with dots sets a nested value (``"render.steps": 
 ``config["render"]["steps"]``), and a mapping value is merged into a mapping. The script
 receives the merged config plus ``_config_path`` (the YAML file, or ``None``) and
 ``_config_dir`` (its folder, for resolving relative paths; ``None`` for a dict).
+
+A script may declare the keys it reads in a module-level ``OPTIONS`` mapping (key → a
+one-line description, or, for a nested mapping such as ``render:``, the collection of its
+valid sub-keys). The runner then refuses any other key before the script runs, naming the
+valid ones (:func:`validate_config`): ``render: {stepz: 4}`` is an error, not 512 silent
+steps. :func:`check_config` does that for a config file without running it.
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Collection, Mapping, Optional, Union
 
-__all__ = ["run_experiment", "load_config", "apply_overrides", "find_experiment", "ExperimentError"]
+__all__ = ["run_experiment", "load_config", "apply_overrides", "find_experiment", "validate_config", "check_config", "ExperimentError"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ALWAYS = ("experiment", "_config_path", "_config_dir")
 
 
 class ExperimentError(ValueError):
@@ -170,6 +177,64 @@ def _import(path: Path) -> ModuleType:
     return module
 
 
+def _unknown(keys: Collection[str], valid: Collection[str], where: str) -> None:
+    import difflib
+
+    bad = sorted(str(k) for k in keys if k not in valid)
+    if not bad:
+        return
+    hints = []
+    for k in bad:
+        close = difflib.get_close_matches(k, [str(v) for v in valid], n=1)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    shown = sorted(str(v) for v in valid if not str(v).startswith("_"))
+    raise ExperimentError(f"{where}: unknown key{'s' if len(bad) > 1 else ''} {', '.join(hints)}; valid keys: {', '.join(shown)}")
+
+
+def validate_config(config: Mapping[str, Any], options: Mapping[str, Any], where: str = "config") -> None:
+    """Refuse keys a script does not read.
+
+    ``options`` maps each valid top-level key to a description (a string) or, for a key whose
+    value is a mapping (``render``, ``nmf``...), to the collection of its valid sub-keys.
+    ``experiment`` and the runner's ``_config_*`` keys are always valid.
+
+    Raises:
+        ExperimentError: naming the unknown key, a close match, and the valid keys; or a
+            nested key that should hold a mapping and does not.
+    """
+    _unknown(config.keys(), list(options) + list(_ALWAYS), where)
+    for key, spec in options.items():
+        if isinstance(spec, str) or key not in config or config[key] is None:
+            continue
+        value = config[key]
+        if not isinstance(value, Mapping):
+            raise ExperimentError(f"{where}: {key!r} must be a mapping of {', '.join(sorted(spec))}; got {value!r}")
+        _unknown(value.keys(), list(spec), f"{where}: {key}")
+
+
+def _load_script(cfg: Mapping[str, Any]) -> tuple[Path, ModuleType]:
+    path = find_experiment(cfg["experiment"], cfg)
+    return path, _import(path)
+
+
+def _check(cfg: Mapping[str, Any], path: Path, module: ModuleType) -> None:
+    options = getattr(module, "OPTIONS", None)
+    if options is not None:
+        validate_config(cfg, options, cfg.get("_config_path") or f"{path.stem} config")
+
+
+def check_config(
+    config: Union[str, os.PathLike, Mapping[str, Any]],
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
+    """Load a config, find its script and validate the keys against the script's ``OPTIONS``
+    without running it; returns the merged config. Raises :class:`ExperimentError`."""
+    cfg = apply_overrides(load_config(config), overrides)
+    path, module = _load_script(cfg)
+    _check(cfg, path, module)
+    return cfg
+
+
 def run_experiment(
     config: Union[str, os.PathLike, Mapping[str, Any]],
     overrides: Optional[Mapping[str, Any]] = None,
@@ -182,11 +247,12 @@ def run_experiment(
             ``{"weights": "inception5h.pth"}`` or ``{"render.steps": 2, "out": "/tmp/x"}``.
 
     Raises:
-        ExperimentError: no such config/script, or a script without a ``run`` function.
+        ExperimentError: no such config/script, a key the script does not read (when it
+            declares ``OPTIONS``), or a script without a ``run`` function.
     """
     cfg = apply_overrides(load_config(config), overrides)
-    path = find_experiment(cfg["experiment"], cfg)
-    module = _import(path)
+    path, module = _load_script(cfg)
+    _check(cfg, path, module)
     fn = getattr(module, "run", None)
     if not callable(fn):
         raise ExperimentError(f"{path} has no run(config) function")

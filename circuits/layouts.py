@@ -441,6 +441,10 @@ def _axis_from_module(module: nn.Module, out: torch.Tensor, inputs: Sequence[tor
             if last != first:
                 return "last" if last else "first"
         return None
+    if isinstance(module, nn.Flatten) and inputs and out.ndim >= 3:
+        before = known.get(id(inputs[0]))
+        if before is not None and before.kind == "nchw" and module.start_dim % inputs[0].ndim >= 2:
+            return "first"  # [B, C, H, W] → [B, C, H·W]: the channels stay on axis 1
     dims = getattr(module, "dims", None)  # torchvision.ops.misc.Permute and look-alikes
     if isinstance(dims, (list, tuple)) and sorted(dims) == list(range(out.ndim)) and inputs:
         before = known.get(id(inputs[0]))
@@ -594,8 +598,8 @@ def get_layouts(
         key = _resolve(model, name, counts)
         if key not in found:
             raise ValueError(
-                f"layer {name!r} outputs no [batch, ...] tensor of 2 to 4 dimensions; set its layout "
-                f"with set_layout(model, {name!r}, kind) (kinds: {_describe_kinds()})"
+                f"layer {name!r} has no activation layout: its output is none of {_describe_kinds()}; if it is "
+                f"one of them, say which with set_layout(model, {name!r}, kind)"
             )
         result[name] = found[key]
     return result

@@ -12,9 +12,11 @@ What this module offers:
   ``nndsvda`` initialisation). Each matrix stops on its own when it has converged. Two
   backends run the same algorithm: batched torch ops (any device) and, on the CPU, a fused
   kernel compiled with numba (``circuits._hals_cpu``) that keeps each matrix in cache.
-- :class:`NMFReducer` – a scikit-learn-style estimator that reduces any axis of an N-d numpy
-  array or torch tensor (like Lucid/Lucent's ``ChannelReducer``), optionally with one axis
-  indexing independent problems.
+  Every result is checked finite: a NaN or Inf raises :class:`NMFNumericalError` naming the
+  matrix, never reaches a figure.
+- :class:`NMFReducer` – a scikit-learn estimator (``clone``, ``Pipeline``, grid search) that
+  reduces any axis of an N-d numpy array or torch tensor (like Lucid/Lucent's
+  ``ChannelReducer``), optionally with one axis indexing independent problems.
 - :func:`neuron_factors` – per neuron: 3 spatial maps (the RGB picture) and signed channel
   loadings, plus how much of the weights they explain.
 - :func:`family_factors` – a family of neurons: non-negative directions in input-channel space
@@ -44,17 +46,22 @@ Example::
 from __future__ import annotations
 
 import numbers
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 __all__ = [
     "posneg",
     "nmf",
     "NMFResult",
+    "NMFNumericalError",
     "NMFReducer",
     "NeuronFactors",
     "neuron_factors",
@@ -199,9 +206,15 @@ def _nndsvd(X: torch.Tensor, k: int, fill: bool, eps: float = 1e-6) -> tuple[tor
     from an eigendecomposition of the Gram matrix of the smaller side in float64 (exact up to
     float64 rounding, and much faster than a batched SVD of wide matrices on the CPU).
     ``fill=True`` ('a' variant) replaces zeros by the mean of the matrix.
+
+    Entries below ``eps * min(1, sqrt(max(X)))`` become zero: scikit-learn's absolute ``eps``
+    for data whose maximum is at least 1, proportionally less for smaller data (whose factors
+    are ``~sqrt(X)``), so that the start does not depend on the data's units: at a scale of
+    1e-30 an absolute 1e-6 zeroes every entry, and the start degenerates to a constant.
     """
     B, m, n = X.shape
     Xd = X.to(torch.float64)
+    floor = (eps * Xd.amax(dim=(1, 2)).sqrt().clamp(max=1.0)).to(X.dtype)[:, None, None]
     if m <= n:
         evals, evecs = torch.linalg.eigh(Xd @ Xd.mT)  # ascending
         U = evecs[..., -k:].flip(-1)  # [B, m, k]
@@ -242,8 +255,8 @@ def _nndsvd(X: torch.Tensor, k: int, fill: bool, eps: float = 1e-6) -> tuple[tor
         H[:, j, :] = lbd * v
     W = W.to(X.dtype)
     H = H.to(X.dtype)
-    W = torch.where(W < eps, torch.zeros_like(W), W)
-    H = torch.where(H < eps, torch.zeros_like(H), H)
+    W = torch.where(W < floor, torch.zeros_like(W), W)
+    H = torch.where(H < floor, torch.zeros_like(H), H)
     if fill:
         avg = X.mean(dim=(1, 2))[:, None, None]
         W = torch.where(W == 0, avg.expand_as(W), W)
@@ -251,47 +264,102 @@ def _nndsvd(X: torch.Tensor, k: int, fill: bool, eps: float = 1e-6) -> tuple[tor
     return W.contiguous(), H.contiguous()
 
 
-def _hals_rows(H: torch.Tensor, G: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """One cyclic coordinate-descent sweep over the rows of ``H`` (in place).
+class _RowSweep:
+    """Cyclic coordinate-descent sweeps over the rows of ``F [B, k, L]`` (in place), minimising
+    ``||X - A F||`` given ``G = A^T A [B, k, k]`` and ``P = A^T X [B, k, L]``.
 
-    Minimises ``||X - W H||`` in ``H`` given ``G = W^T W [B, k, k]`` and ``P = W^T X [B, k, n]``.
-    Returns the L1 norm of the projected gradient before each update, per matrix ``[B]``
-    (scikit-learn's ``violation``).
+    Row ``t`` moves to ``max(f - grad / hess, 0)`` with ``grad = G_t F - P_t`` and
+    ``hess = max(G_tt, tiny)`` (scikit-learn's update; ``tiny``, the smallest normal number,
+    keeps a denormal ``G_tt`` from overflowing the division). It is computed as
+    ``(P_t - G'_t F) / hess`` with ``G'`` = ``G`` whose diagonal is ``G_tt - hess`` (0 unless
+    ``G_tt < tiny``): the same number without ``f - grad / hess`` cancelling to float32 noise
+    when the step is small next to ``f``. A zero factor (``G_tt = 0``) leaves the row as is.
+
+    ``F``, ``G`` and ``P`` are persistent tensors (the caller refills ``G`` and ``P`` in place
+    before each sweep; ``G``'s diagonal is overwritten), so every per-row view and scratch
+    buffer is made once: a sweep costs three torch ops per row, which is what decides small
+    problems on the CPU.
     """
-    k = H.shape[1]
-    # Projected gradient: grad where h > 0, min(grad, 0) where h == 0. min(grad, h * big) is the
-    # same in one fused op (h >= 0); it differs only for denormal h, by a negligible amount.
-    big = torch.finfo(H.dtype).max * torch.finfo(H.dtype).eps  # h * big overflowing to inf is harmless
-    # hess == 0 means the t-th factor is all zero; then grad == 0 and the row is unchanged.
-    hess = torch.diagonal(G, dim1=1, dim2=2).clamp_min(torch.finfo(H.dtype).tiny)[:, :, None]  # [B, k, 1]
-    projected = torch.empty((k,) + H[:, :1].shape, dtype=H.dtype, device=H.device)  # [k, B, 1, n]
-    for t in range(k):
-        h = H[:, t : t + 1, :]  # [B, 1, n] view
-        grad = torch.baddbmm(P[:, t : t + 1, :], G[:, t : t + 1, :], H, beta=-1)  # G_t H - P_t
-        torch.minimum(grad, h * big, out=projected[t])
-        h.addcdiv_(grad, hess[:, t : t + 1], value=-1).clamp_(min=0)
-    # one reduction per sweep instead of one per row (the rows' sum, as scikit-learn's violation);
-    # abs+sum is ~3x faster than linalg.vector_norm(ord=1) on the CPU
-    return projected.abs_().sum(-1).sum((0, 2))
+
+    def __init__(self, F: torch.Tensor, G: torch.Tensor, P: torch.Tensor):
+        B, k, L = F.shape
+        self.F, self.G = F, G
+        # each row's numerator P_t - G'_t F, [k, B, 1, L]: row-major so that each row's slice
+        # is contiguous (bmm into a strided `out` falls back to a slow loop)
+        self.num = torch.empty(k, B, 1, L, dtype=F.dtype, device=F.device)
+        self.before = torch.empty(k, B, 1, L, dtype=F.dtype, device=F.device)  # F before the sweep
+        self.hess = torch.empty(B, k, dtype=F.dtype, device=F.device)
+        self.hess_rows = self.hess.mT[:, :, None, None]  # [k, B, 1, 1] view
+        self.diag = torch.diagonal(G, dim1=1, dim2=2)
+        self.rows = [(F[:, t : t + 1], G[:, t : t + 1], P[:, t : t + 1], self.num[t], self.hess_rows[t])
+                     for t in range(k)]
+        info = torch.finfo(F.dtype)
+        self.tiny = info.tiny
+        # Projected gradient: grad where f > 0, min(grad, 0) where f == 0. min(grad, f * big) is
+        # the same in one fused op (f >= 0); it differs only for denormal f, negligibly.
+        self.big = info.max * info.eps  # f * big overflowing to inf is harmless
+
+    def __call__(self) -> torch.Tensor:
+        """One sweep; returns the L1 norm of the projected gradient before each row's update,
+        summed over the rows, per matrix ``[B]`` (scikit-learn's ``violation``)."""
+        torch.clamp(self.diag, min=self.tiny, out=self.hess)
+        self.diag.sub_(self.hess)
+        F = self.F
+        self.before.copy_(F.permute(1, 0, 2)[:, :, None])  # [B, k, L] -> [k, B, 1, L]
+        for f, g, p, num, hess in self.rows:
+            torch.baddbmm(p, g, F, alpha=-1, out=num)  # P_t - G'_t F
+            torch.div(num, hess, out=f).clamp_(min=0)
+        grad = torch.mul(self.before, self.hess_rows).sub_(self.num)  # G_t F - P_t, before each update
+        projected = torch.minimum(grad, self.before.mul_(self.big), out=grad)
+        # abs+sum is ~3x faster than linalg.vector_norm(ord=1) on the CPU
+        return projected.abs_().sum((0, 2, 3))
 
 
-def _sweep(XH: torch.Tensor, Wt: torch.Tensor, update_H: bool) -> torch.Tensor:
-    """One outer iteration: update ``W`` (stored transposed, ``Wt [B, k, m]``) then ``H``.
+class _Hals:
+    """The torch HALS state of a working set: ``XH [B, m + k, n]`` holds ``X`` in its first
+    ``m`` rows and ``H`` (updated in place) in the last ``k``, so one product ``H @ XH^T`` gives
+    both ``H X^T`` and ``H H^T`` (one pass over X; this order is also ~25% faster than
+    ``X @ H^T`` on the CPU). ``Wt [B, k, m]`` is ``W`` transposed."""
 
-    ``XH [B, m + k, n]`` holds ``X`` in its first ``m`` rows and ``H`` (updated in place) in the
-    last ``k``, so one product ``H @ XH^T`` gives both ``H X^T`` and ``H H^T`` (one pass over X;
-    this product order is also ~25% faster than ``X @ H^T`` on the CPU).
-    """
-    m = Wt.shape[2]
-    X, H = XH[:, :m], XH[:, m:]
-    both = H @ XH.mT  # [B, k, m + k]
-    viol = _hals_rows(Wt, both[:, :, m:], both[:, :, :m])
-    if update_H:
-        viol = viol + _hals_rows(H, Wt @ Wt.mT, Wt @ X)
-    return viol
+    def __init__(self, XH: torch.Tensor, Wt: torch.Tensor, update_H: bool):
+        B, k, m = Wt.shape
+        self.XH, self.Wt, self.m, self.update_H = XH, Wt, m, update_H
+        self.XHt, self.H = XH.mT, XH[:, m:]
+        self.both = torch.empty(B, k, m + k, dtype=Wt.dtype, device=Wt.device)
+        self.w_sweep = _RowSweep(Wt, self.both[:, :, m:], self.both[:, :, :m])
+        if update_H:
+            self.WWt = torch.empty(B, k, k, dtype=Wt.dtype, device=Wt.device)
+            self.WX = torch.empty_like(self.H)
+            self.Wtt, self.X = Wt.mT, XH[:, :m]
+            self.h_sweep = _RowSweep(self.H, self.WWt, self.WX)
+
+    def iterate(self) -> torch.Tensor:
+        """One outer iteration (W, then H); returns the violation ``[B]``."""
+        torch.bmm(self.H, self.XHt, out=self.both)
+        viol = self.w_sweep()
+        if self.update_H:
+            torch.bmm(self.Wt, self.Wtt, out=self.WWt)
+            torch.bmm(self.Wt, self.X, out=self.WX)
+            viol += self.h_sweep()
+        return viol
+
+    def keep(self, rows: torch.Tensor) -> "_Hals":
+        """A new state holding only the matrices ``rows`` (a boolean mask) of this one."""
+        return _Hals(self.XH[rows], self.Wt[rows], self.update_H)
 
 
-def _prepare(X: object, k: object, max_iter: object, tol: object, init: str) -> tuple[torch.Tensor, int, bool]:
+# The solver keeps each matrix's maximum within [2**-limit, 2**limit] for its dtype (else it
+# rescales the matrix by an exact power of 4 and scales the factors back): there, W^T X, H H^T
+# and the residual neither underflow into denormals nor overflow. Data in that range (weights,
+# activations) are left exactly as they are.
+_SAFE_EXPONENT = {torch.float32: 40, torch.float64: 300}
+
+
+def _prepare(
+    X: object, k: object, max_iter: object, tol: object, init: str
+) -> tuple[torch.Tensor, int, bool, Optional[torch.Tensor]]:
+    """Validated ``X [B, m, n]`` (contiguous), ``k``, whether ``X`` was batched, and per matrix
+    the exponent ``e`` to scale it by ``4**-e`` (None when every matrix is in the safe range)."""
     t = _as_tensor(X, "X")
     if t.ndim not in (2, 3):
         raise ValueError(f"X must be a matrix [m, n] or a batch of matrices [B, m, n]; got shape {tuple(t.shape)}")
@@ -300,11 +368,15 @@ def _prepare(X: object, k: object, max_iter: object, tol: object, init: str) -> 
         t = t[None]
     if t.shape[0] == 0 or t.shape[1] == 0 or t.shape[2] == 0:
         raise ValueError(f"X must not be empty; got shape {tuple(t.shape)}")
-    lo = _check_finite(t, "X")
+    t = t.contiguous()
+    lo_b, hi_b = torch.aminmax(t.reshape(t.shape[0], -1), dim=1)  # one pass: finiteness, sign, scale
+    if not bool(torch.isfinite(lo_b).all() & torch.isfinite(hi_b).all()):
+        _check_finite(t, "X")  # raises, counting the bad values
+    lo = float(lo_b.min())
     if lo < 0:
         raise ValueError(
-            f"NMF needs non-negative data; X has negative values (min {lo:.4g}). "
-            "Split signs first with circuits.nmf.posneg(x, dim)."
+            f"Negative values in data passed to NMF (min {lo:.4g}): NMF needs non-negative data; "
+            "split signs first with circuits.nmf.posneg(x, dim)"
         )
     k = _check_k(k, t.shape[1], t.shape[2])
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
@@ -313,7 +385,18 @@ def _prepare(X: object, k: object, max_iter: object, tol: object, init: str) -> 
         raise ValueError(f"tol must be a non-negative number; got {tol!r}")
     if init not in _INITS:
         raise ValueError(f"init must be one of {_INITS}; got {init!r}")
-    return t, k, batched
+    return t, k, batched, _scale_exponents(hi_b)
+
+
+def _scale_exponents(hi: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per matrix (maximum ``hi``) the integer ``e`` (float64) that brings ``hi * 4**-e`` near 1
+    where ``hi`` is outside the safe range, else 0; None when no matrix needs it."""
+    limit = _SAFE_EXPONENT[hi.dtype]
+    e = torch.log2(hi.to(torch.float64))  # -inf for a zero matrix: left alone
+    need = torch.isfinite(e) & (e.abs() > limit)
+    if not bool(need.any()):
+        return None
+    return torch.where(need, torch.round(e / 2), torch.zeros_like(e))
 
 
 def nmf(
@@ -342,6 +425,14 @@ def nmf(
     working set, so the cost falls as they finish; per-matrix results do not depend on how the
     batch is chunked (``batch_size``).
 
+    Numerics: each coordinate update divides by ``max(G_tt, tiny)`` (the dtype's smallest
+    normal number; a factor decayed to 1e-20 has a denormal ``G_tt``) and computes the new
+    value directly rather than as ``old - step``; a matrix whose maximum is beyond
+    ``2**±40`` (float32; ``2**±300`` in float64) is solved rescaled by an exact power of 4
+    and its factors scaled back, so data at 1e-30 or 1e30 factor as well as data at 1.
+    Errors are accumulated in float64. Every factor and error is checked finite; a NaN or Inf
+    raises :class:`NMFNumericalError` with the matrices' batch indices.
+
     Args:
         X: non-negative, finite data ``[m, n]`` or ``[B, m, n]`` (numpy or torch).
         n_components: ``k``, at most ``min(m, n)``.
@@ -359,12 +450,17 @@ def nmf(
             bar); chunks of about 8 MB of ``X`` for the torch backend on the CPU.
         progress: show a tqdm bar (one step per chunk of matrices).
         backend: ``"auto"`` (default): ``"numba"`` for float32/float64 data on the CPU when
-            numba is installed, else ``"torch"``. ``"numba"``: a fused HALS kernel compiled
-            with numba that solves each matrix in one thread with its ``X`` in cache, the
-            matrices shared over ``torch.get_num_threads()`` threads (CPU only; about 3x faster
-            than ``"torch"`` there; the first call in a fresh install compiles it, a few
-            seconds, cached on disk). ``"torch"``: batched torch ops on any device. Both run
-            the same algorithm and stopping rule; results agree up to float rounding.
+            numba is installed, else ``"torch"``. ``"numba"``: a fused kernel compiled with
+            numba that solves each matrix (NNDSVD start, iterations, error) in one thread with
+            its ``X`` in cache, the matrices shared over ``torch.get_num_threads()`` threads
+            (CPU only; several times faster than ``"torch"`` there, most on small problems;
+            the first call in a fresh install compiles it, tens of seconds, cached on disk).
+            ``"torch"``: batched torch ops on any device. Both run the same algorithm, update
+            formulas and stopping rule from the same start: the NNDSVD of both is an
+            eigendecomposition of the float64 Gram matrix (LAPACK through numba; torch's
+            ``eigh``), so the starts agree to float64 rounding, except where a matrix's
+            top-``k`` singular values are (nearly) repeated and the singular vectors are not
+            unique. Results agree up to float rounding.
 
     Returns:
         :class:`NMFResult` with ``W [B, m, k]``, ``H [B, k, n]`` (no ``B`` for a 2-d ``X``).
@@ -376,10 +472,52 @@ def nmf(
         >>> r.W.shape, r.H.shape, r.rel_error.shape
         (torch.Size([480, 25, 3]), torch.Size([480, 3, 64]), torch.Size([480]))
     """
-    Xt, k, batched = _prepare(X, n_components, max_iter, tol, init)
+    threads = torch.get_num_threads()
+    on_cpu = not isinstance(X, torch.Tensor) or X.device.type == "cpu"
+    kernel = _cpu_kernel(backend, X)
+    args = (X, n_components, kernel, threads, max_iter, tol, init, seed, H, batch_size, progress)
+    if not on_cpu:
+        return _nmf(*args)
+    # On the CPU torch's own ops here are small: one intra-op thread, unless the torch solver
+    # runs on a large batch (its batched products then gain from threads). Waking a thread per
+    # op costs more than it saves, and on a busy machine it costs a time slice per op.
+    small = kernel is not None or int(np.prod(getattr(X, "shape", ()))) < _TORCH_THREADS_FROM
+    with _intra_op_threads(1 if small else threads):
+        return _nmf(*args)
+
+
+# the torch solver on the CPU uses torch's threads from this many elements of X on
+_TORCH_THREADS_FROM = 1 << 20
+_THREADS_LOCK = threading.RLock()
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block, then restored. The setting is
+    process-wide, so a block that changes it holds a lock (concurrent callers take turns)."""
+    if n == torch.get_num_threads():
+        yield
+        return
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def _nmf(
+    X: ArrayLike, n_components: int, kernel: Optional[Any], threads: int, max_iter: int, tol: float, init: str,
+    seed: int, H: Optional[ArrayLike], batch_size: Optional[int], progress: bool,
+) -> NMFResult:
+    """:func:`nmf` once the backend is chosen (``threads``: the caller's torch thread count,
+    for the kernel)."""
+    Xt, k, batched, exps = _prepare(X, n_components, max_iter, tol, init)
     B, m, n = Xt.shape
     dev, dtype = Xt.device, Xt.dtype
-    kernel = _cpu_kernel(backend, Xt)
+    if exps is not None:  # exact powers of 4, computed in float64 (the factor may exceed float32)
+        Xt = (Xt.to(torch.float64) * torch.exp2(-2 * exps)[:, None, None]).to(dtype)
     if batch_size is None:
         if kernel is not None:  # each matrix is solved alone anyway; chunks only pace the bar
             batch_size = -(-B // 20) if progress else B
@@ -397,9 +535,10 @@ def nmf(
             Hfix = Hfix[None].expand(B, -1, -1)
         if Hfix.shape != (B, k, n):
             raise ValueError(f"H must have shape [{k}, {n}] or [{B}, {k}, {n}]; got {tuple(Hfix.shape)}")
-        _check_finite(Hfix, "H")
-        if float(Hfix.min()) < 0:
+        if _check_finite(Hfix, "H") < 0:
             raise ValueError("H must be non-negative")
+        if exps is not None:  # the rescaled problem's units: X' = 4**-e X ≈ (2**-e W)(2**-e H)
+            Hfix = (Hfix.to(torch.float64) * torch.exp2(-exps)[:, None, None]).to(dtype)
     elif init == "random":  # drawn for the whole batch, so chunking does not change it
         gen = torch.Generator(device=dev).manual_seed(int(seed))
         avg = (Xt.mean(dim=(1, 2)) / k).sqrt()[:, None, None]
@@ -416,34 +555,95 @@ def nmf(
     for i in chunks:
         sl = slice(i, i + batch_size)
         Xc = Xt[sl]
-        if Hfix is not None:
-            Hc = Hfix[sl].contiguous().clone()
-            avg = (Xc.mean(dim=(1, 2)) / k).sqrt()[:, None, None]
-            Wc = avg.expand(Xc.shape[0], k, m).contiguous().clone()
-        elif H_all is not None and Wt_all is not None:
-            Hc, Wc = H_all[sl].clone(), Wt_all[sl].clone()
+        Hc = Hfix[sl] if Hfix is not None else None if H_all is None else H_all[sl]
+        Wc = None if Wt_all is None else Wt_all[sl]
+        if kernel is not None:
+            parts.append(_solve_kernel(kernel, Xc, k, Wc, Hc, init, Hfix is None, max_iter, float(tol), threads))
         else:
-            W0, Hc = _nndsvd(Xc, k, fill=init == "nndsvda")
-            Wc = W0.mT.contiguous()
-        if kernel is None:
-            parts.append(_solve(Xc, Wc, Hc, Hfix is None, max_iter, float(tol), bar))
-        else:
-            parts.append(_solve_kernel(kernel, Xc, Wc, Hc, Hfix is None, max_iter, float(tol), bar))
+            if Hfix is not None:
+                Hc = Hc.contiguous().clone()
+                avg = (Xc.mean(dim=(1, 2)) / k).sqrt()[:, None, None]
+                Wc = avg.expand(Xc.shape[0], k, m).contiguous().clone()
+            elif Hc is not None and Wc is not None:
+                Hc, Wc = Hc.clone(), Wc.clone()
+            else:
+                W0, Hc = _nndsvd(Xc, k, fill=init == "nndsvda")
+                Wc = W0.mT.contiguous()
+            parts.append(_solve(Xc, Wc, Hc, Hfix is None, max_iter, float(tol)))
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
     Wt, Hs, n_iter, converged = (torch.cat([p[i] for p in parts]) for i in range(4))
 
     W = Wt.mT.contiguous()
-    # the CPU kernel reports the error itself (X still in cache); the torch path computes it here
-    err = torch.cat([p[4] for p in parts]) if kernel is not None else _recon_err(Xt, W, Hs)
-    rel, expl = _fraction(err, Xt.flatten(1).norm(dim=1))
+    if kernel is not None:  # the kernel reports the error and ||X|| itself (X still in cache)
+        err64, norm64 = torch.cat([p[4] for p in parts]), torch.cat([p[5] for p in parts])
+    else:
+        err64 = _recon_err(Xt, W, Hs)
+        norm64 = torch.linalg.vector_norm(Xt.flatten(1), dim=1, dtype=torch.float64)
+    if exps is not None:  # back to the data's units: X = 4**e X', W = 2**e W', H = 2**e H'
+        up = torch.exp2(exps)
+        W = (W.to(torch.float64) * up[:, None, None]).to(dtype)
+        Hs = (Hs.to(torch.float64) * up[:, None, None]).to(dtype)
+        err64, norm64 = err64 * up * up, norm64 * up * up
+    rel, expl = _fraction(err64, norm64)
+    err, rel, expl = err64.to(dtype), rel.to(dtype), expl.to(dtype)
+    _check_result(W, Hs, err, rel, expl, kernel is not None)
     if not batched:
         return NMFResult(W[0], Hs[0], n_iter[0], converged[0], err[0], rel[0], expl[0])
     return NMFResult(W, Hs, n_iter, converged, err, rel, expl)
 
 
+def _require_finite(where: str, **tensors: torch.Tensor) -> None:
+    """Raise :class:`NMFNumericalError` if any of ``tensors`` holds NaN or Inf."""
+    for name, t in tensors.items():
+        if t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NMFNumericalError(f"{where}: {name} has {bad} non-finite value(s) out of {t.numel()}", [])
+
+
+class NMFNumericalError(FloatingPointError):
+    """NMF produced non-finite numbers (NaN/Inf) for some matrices; ``indices`` lists them
+    (positions in the batch given to :func:`nmf`; :func:`neuron_factors` gives neuron ids)."""
+
+    def __init__(self, message: str, indices: Sequence[int] = ()):
+        super().__init__(message)
+        self.indices = [int(i) for i in indices]
+
+    def __reduce__(self) -> tuple:  # picklable with its indices (worker processes)
+        return type(self), (str(self), self.indices)
+
+
+def _check_result(
+    W: torch.Tensor, H: torch.Tensor, err: torch.Tensor, rel: torch.Tensor, expl: torch.Tensor, kernel: bool
+) -> None:
+    """Raise :class:`NMFNumericalError` naming the matrices whose factors or errors are not finite."""
+    # per matrix: every entry of W and H finite <=> their sum is (one reduction, no [B, m, k] mask)
+    f64 = torch.float64
+    ok = torch.isfinite(W.sum((1, 2), dtype=f64) + H.sum((1, 2), dtype=f64) + err + rel + expl)
+    if bool(ok.all()):
+        return
+    bad = (~ok).nonzero().flatten().tolist()
+    where = "numba kernel" if kernel else "torch solver"
+    raise NMFNumericalError(
+        f"NMF ({where}) produced non-finite factors or errors for {len(bad)} of {W.shape[0]} matrices "
+        f"(batch index {_first(bad)}); {_nonfinite_hint(W.dtype)}",
+        bad,
+    )
+
+
+def _first(indices: Sequence[int], n: int = 10) -> str:
+    return ", ".join(map(str, indices[:n])) + (", ..." if len(indices) > n else "")
+
+
+def _nonfinite_hint(dtype: torch.dtype) -> str:
+    return (f"the data are finite, so this is an overflow (data too large for {dtype}: rescale them or "
+            "use float64) or a solver bug (please report it with the data)")
+
+
 def _solve(
-    X: torch.Tensor, Wt: torch.Tensor, H: torch.Tensor, update_H: bool, max_iter: int, tol: float, bar: object
+    X: torch.Tensor, Wt: torch.Tensor, H: torch.Tensor, update_H: bool, max_iter: int, tol: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """HALS iterations on one chunk ``X [B, m, n]`` from ``Wt [B, k, m]``, ``H [B, k, n]``.
 
@@ -456,22 +656,22 @@ def _solve(
     noise = scale * ((Wt @ X).abs().sum((1, 2)) + (H @ X.mT).abs().sum((1, 2)))
     if scale < 0:
         noise.fill_(-1.0)
-    XH = torch.cat([X, H], dim=1)  # H lives in XH[:, m:] from here on (see _sweep)
+    state = _Hals(torch.cat([X, H], dim=1), Wt.contiguous().clone(), update_H)
     n_iter = torch.full((B,), max_iter, dtype=torch.long, device=dev)
     converged = torch.zeros(B, dtype=torch.bool, device=dev)
     ids = torch.arange(B, device=dev)  # batch index of each working-set row
     live = torch.ones(B, dtype=torch.bool, device=dev)  # working-set rows not yet stopped
-    vinit: Optional[torch.Tensor] = None
+    threshold = noise
     for it in range(1, max_iter + 1):
-        viol = _sweep(XH, Wt, update_H)
-        if vinit is None:
-            vinit = viol
-        done = (vinit == 0) | (viol <= tol * vinit) | (viol <= noise)
+        viol = state.iterate()
+        if it == 1:  # converged: violation <= tol x the first one, or at the noise floor
+            threshold = torch.maximum(tol * viol, noise)
+        done = viol <= threshold
         stop = live if it == max_iter else done & live
         if bool(stop.any()):
             idx = ids[stop]
-            out_Wt[idx] = Wt[stop]
-            out_H[idx] = XH[stop, m:]
+            out_Wt[idx] = state.Wt[stop]
+            out_H[idx] = state.H[stop]
             n_iter[idx] = it
             converged[idx] = done[stop]
             live = live & ~stop
@@ -481,10 +681,8 @@ def _solve(
             # Stopped rows stay in the working set (their saved factors are final) until
             # dropping them pays for copying X: compact once a quarter of the rows are done.
             if n_live <= 0.75 * live.numel():
-                ids, XH, Wt, vinit, noise = ids[live], XH[live], Wt[live], vinit[live], noise[live]
+                ids, threshold, state = ids[live], threshold[live], state.keep(live)
                 live = torch.ones(n_live, dtype=torch.bool, device=dev)
-    if bar is not None:
-        bar.update(1)  # type: ignore[attr-defined]
     return out_Wt, out_H, n_iter, converged
 
 
@@ -502,16 +700,17 @@ def _noise_scale(tol: float, dtype: torch.dtype) -> float:
 _BACKENDS = ("auto", "numba", "torch")
 
 
-def _cpu_kernel(backend: object, X: torch.Tensor) -> Optional[Any]:
-    """The numba HALS module when ``backend`` asks for it (or ``"auto"`` allows it), else None."""
+def _cpu_kernel(backend: object, X: object) -> Optional[Any]:
+    """The numba HALS module when ``backend`` asks for it (or ``"auto"`` allows it) and ``X``
+    (a tensor or an array) is on the CPU, else None."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
     if backend == "torch":
         return None
-    usable = X.device.type == "cpu"  # X is float32 or float64 (_prepare), as the kernel needs
+    usable = not isinstance(X, torch.Tensor) or X.device.type == "cpu"  # _prepare makes it float32/64
     if backend == "numba" and not usable:
         raise ValueError(
-            f'backend="numba" runs on the CPU in float32 or float64; X is {X.dtype} on {X.device}. '
+            f'backend="numba" runs on the CPU in float32 or float64; X is {X.dtype} on {X.device}. '  # type: ignore[union-attr]
             'Use backend="torch" (or "auto").'
         )
     if not usable:
@@ -525,36 +724,61 @@ def _cpu_kernel(backend: object, X: torch.Tensor) -> Optional[Any]:
     return _hals_cpu
 
 
+_FLOPS_PER_THREAD = 1e8
+
+
 def _solve_kernel(
-    kernel: Any, X: torch.Tensor, Wt: torch.Tensor, H: torch.Tensor, update_H: bool, max_iter: int, tol: float,
-    bar: object,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_solve` by the compiled CPU kernel (module ``circuits._hals_cpu``): the same
-    updates and stopping rule, per matrix; also returns ``||X - W H||_F [B]``."""
+    kernel: Any, X: torch.Tensor, k: int, Wt: Optional[torch.Tensor], H: Optional[torch.Tensor], init: str,
+    update_H: bool, max_iter: int, tol: float, threads: int,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`_solve` by the compiled CPU kernel (module ``circuits._hals_cpu``), start included:
+    NNDSVD computed in the kernel when neither ``Wt`` nor ``H`` is given, flat ``W`` when only
+    ``H`` is (fixed components), else the given ``Wt``, ``H``; at most ``threads`` threads.
+    Returns ``(Wt, H, n_iter, converged, ||X - W H||_F, ||X||_F)`` per matrix (the last two
+    in float64)."""
+    B, m, n = X.shape
     Xn = X.detach().contiguous().numpy()
-    Wt = Wt.detach().contiguous().clone()
-    H = H.detach().contiguous().clone()
-    n_iter = torch.zeros(X.shape[0], dtype=torch.long)
-    converged = torch.zeros(X.shape[0], dtype=torch.bool)
-    error = torch.zeros(X.shape[0], dtype=torch.float64)
-    with kernel.LOCK:  # one torch knob for threads: torch.set_num_threads governs this too
+    if H is None:
+        mode = kernel.INIT_GIVEN
+        H = torch.empty(B, k, n, dtype=X.dtype)
+        Wt = torch.empty(B, k, m, dtype=X.dtype)
+        with kernel.one_blas_thread():
+            kernel.nndsvd_batch(Xn, Wt.numpy(), H.numpy(), init == "nndsvda")
+    elif Wt is None:
+        mode = kernel.INIT_FLAT_W
+        H = H.contiguous().clone()
+        Wt = torch.empty(B, k, m, dtype=X.dtype)
+    else:
+        mode = kernel.INIT_GIVEN
+        H, Wt = H.contiguous().clone(), Wt.contiguous().clone()
+    n_iter = torch.empty(B, dtype=torch.long)
+    converged = torch.empty(B, dtype=torch.bool)
+    error = torch.empty(B, dtype=torch.float64)
+    norm = torch.empty(B, dtype=torch.float64)
+    # One torch knob for threads: torch.set_num_threads governs this too. A thread is woken only
+    # for about 1e8 flops of work (~5 ms): waking one costs far more than a small problem on a
+    # busy machine (the second thread may wait for a time slice).
+    flops = 4.0 * B * m * n * H.shape[1] * max_iter
+    wanted = max(1, min(threads, B, int(flops // _FLOPS_PER_THREAD)))
+    with kernel.LOCK:
         numba = kernel.numba
         threads = numba.get_num_threads()
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(min(wanted, numba.config.NUMBA_NUM_THREADS))
         try:
-            kernel.hals_batch(Xn, Wt.numpy(), H.numpy(), update_H, max_iter, tol, _noise_scale(tol, X.dtype),
-                              n_iter.numpy(), converged.numpy(), error.numpy())
+            kernel.hals_batch(Xn, Wt.numpy(), H.numpy(), mode, update_H, max_iter, tol,
+                              _noise_scale(tol, X.dtype), n_iter.numpy(), converged.numpy(), error.numpy(),
+                              norm.numpy())
         finally:
             numba.set_num_threads(threads)
-    if bar is not None:
-        bar.update(1)  # type: ignore[attr-defined]
-    return Wt, H, n_iter, converged, error.to(X.dtype)
+    return Wt, H, n_iter, converged, error, norm
 
 
 def _recon_err(X: torch.Tensor, W: torch.Tensor, H: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """``||X - W H||_F`` per matrix ``[B]``, computed in chunks of the batch."""
+    """``||X - W H||_F`` per matrix ``[B]`` in float64 (float32 squares of tiny residuals
+    underflow to 0: a silent "explained = 1"), computed in chunks of the batch."""
     out = [
-        (X[i : i + chunk] - W[i : i + chunk] @ H[i : i + chunk]).flatten(1).norm(dim=1)
+        torch.linalg.vector_norm((X[i : i + chunk] - W[i : i + chunk] @ H[i : i + chunk]).flatten(1), dim=1,
+                                 dtype=torch.float64)
         for i in range(0, X.shape[0], chunk)
     ]
     return torch.cat(out)
@@ -563,12 +787,17 @@ def _recon_err(X: torch.Tensor, W: torch.Tensor, H: torch.Tensor, chunk: int = 2
 # ----------------------------------------------------------------------------- estimator
 
 
-class NMFReducer:
-    """scikit-learn-style NMF that reduces one axis of an N-d array (like Lucid's ``ChannelReducer``).
+class NMFReducer(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """scikit-learn NMF estimator that reduces one axis of an N-d array (like Lucid's ``ChannelReducer``).
 
     The reduced ``axis`` holds the features; every other axis is flattened into samples. With
     ``batch_axis`` set, each index along that axis is an independent problem and all of them
-    are solved as one batch. numpy in → numpy out; a tensor in → a tensor on its device out.
+    are solved as one batch. numpy in → numpy out; a tensor in → a tensor on its device out
+    (other array-likes, e.g. lists, are read with ``numpy.asarray``).
+
+    A scikit-learn estimator: the constructor only stores its parameters (validated by
+    ``fit``), so ``clone``, ``get_params``/``set_params``, ``Pipeline`` and grid search work;
+    ``fit`` keeps the components, not the data.
 
     Shapes (``F`` = size of ``axis``, ``k = n_components``, ``B`` = size of ``batch_axis``):
     ``fit_transform(X)`` returns ``X``'s shape with ``axis`` of size ``k``;
@@ -582,6 +811,7 @@ class NMFReducer:
         batch_axis: optional axis of independent problems.
         max_iter, tol, init, seed, backend: as :func:`nmf`.
         device: where to compute (default: the input's device; numpy → CPU).
+        progress: show a progress bar while fitting.
 
     Example::
 
@@ -592,6 +822,9 @@ class NMFReducer:
         >>> w = torch.rand(480, 128, 5, 5)                          # one problem per neuron
         >>> NMFReducer(3, axis=1, batch_axis=0).fit_transform(w).shape
         torch.Size([480, 3, 5, 5])
+        >>> from sklearn.pipeline import make_pipeline              # a scikit-learn transformer
+        >>> make_pipeline(NMFReducer(2)).fit_transform(np.random.rand(6, 5)).shape
+        (6, 2)
     """
 
     def __init__(
@@ -608,9 +841,7 @@ class NMFReducer:
         progress: bool = False,
         backend: str = "auto",
     ):
-        if isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral) or n_components < 1:
-            raise ValueError(f"n_components must be a positive int; got {n_components!r}")
-        self.n_components = int(n_components)
+        self.n_components = n_components
         self.axis = axis
         self.batch_axis = batch_axis
         self.max_iter = max_iter
@@ -620,15 +851,45 @@ class NMFReducer:
         self.device = device
         self.progress = progress
         self.backend = backend
-        self._H: Optional[torch.Tensor] = None
 
-    def __repr__(self) -> str:
-        return (
-            f"NMFReducer(n_components={self.n_components}, axis={self.axis}, batch_axis={self.batch_axis}, "
-            f"max_iter={self.max_iter}, tol={self.tol}, init={self.init!r})"
-        )
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
 
-    # -- layout ---------------------------------------------------------------------------
+    # -- validation and layout ------------------------------------------------------------
+
+    def _validate_params(self) -> None:
+        k = self.n_components
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"n_components must be a positive int; got {k!r}")
+        for name in ("axis", "batch_axis", "seed"):
+            v = getattr(self, name)
+            if (v is not None or name != "batch_axis") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ValueError(f"{name} must be an int{' or None' if name == 'batch_axis' else ''}; got {v!r}")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be True or False; got {self.progress!r}")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}; got {self.backend!r}")
+        if self.device is not None:
+            torch.device(self.device)  # raises for a bad device string
+        # max_iter, tol and init are checked by nmf() with its messages
+
+    def _input(self, X: object) -> torch.Tensor:
+        """Any array-like → a floating tensor on ``device`` (numpy/objects via ``numpy.asarray``)."""
+        if not isinstance(X, (torch.Tensor, np.ndarray)):
+            if hasattr(X, "toarray") or type(X).__module__.startswith("scipy.sparse"):
+                raise TypeError("NMFReducer does not take sparse input; pass a dense array (X.toarray())")
+            X = np.asarray(X)
+        if isinstance(X, np.ndarray):
+            if X.dtype == object:
+                X = X.astype(np.float64)  # numbers stored as objects; anything else raises TypeError
+            if np.iscomplexobj(X):
+                raise ValueError("Complex data not supported by NMFReducer; pass real, non-negative data")
+            if not X.flags.writeable:  # e.g. a read-only memmap: torch wants a writeable buffer
+                X = np.array(X)
+        return _as_tensor(X, "X", self.device)
 
     def _axes(self, ndim: int) -> tuple[int, Optional[int]]:
         def norm(a: int, what: str) -> int:
@@ -636,19 +897,27 @@ class NMFReducer:
                 raise ValueError(f"{what}={a!r} is out of range for an array with {ndim} dimensions")
             return int(a) % ndim
 
+        need = 2 if self.batch_axis is None else 3
+        if ndim < need:
+            raise ValueError(
+                f"expected an array with at least {need} dimensions; got {ndim}. Reshape your data, e.g. "
+                "X.reshape(-1, 1) for a single feature or X.reshape(1, -1) for a single sample"
+            )
         ax = norm(self.axis, "axis")
         bax = None if self.batch_axis is None else norm(self.batch_axis, "batch_axis")
         if bax is not None and bax == ax:
             raise ValueError(f"axis and batch_axis must differ; both are {ax}")
-        need = 2 if bax is None else 3
-        if ndim < need:
-            raise ValueError(f"expected an array with at least {need} dimensions; got {ndim}")
         return ax, bax
 
-    def _flatten(self, X: ArrayLike) -> tuple[torch.Tensor, tuple[int, ...], int, Optional[int]]:
+    def _flatten(self, t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int, Optional[int]]:
         """N-d → ``[B, samples, features]`` and what is needed to undo it."""
-        t = _as_tensor(X, "X", self.device)
         ax, bax = self._axes(t.ndim)
+        if t.numel() == 0:
+            features = t.shape[ax]
+            raise ValueError(
+                f"Found array with {t.numel() // features if features else 0} sample(s) and {features} feature(s) "
+                f"(shape={tuple(t.shape)}) while a minimum of 1 is required."
+            )
         if bax is None:
             moved = torch.movedim(t, ax, -1)
             mid = tuple(moved.shape[:-1])
@@ -672,65 +941,79 @@ class NMFReducer:
             return v.cpu().numpy()
         return _like(v, ref)
 
+    @staticmethod
+    def _kind(X: object, t: torch.Tensor) -> ArrayLike:
+        """What outputs look like: ``X`` for a tensor or array, else an empty numpy stand-in of
+        ``t``'s dtype (lists and other array-likes come back as numpy)."""
+        if isinstance(X, (torch.Tensor, np.ndarray)):
+            return X
+        return np.empty(0, dtype=np.float64 if t.dtype == torch.float64 else np.float32)
+
     # -- API ------------------------------------------------------------------------------
 
-    def fit_transform(self, X: ArrayLike) -> ArrayLike:
-        """Fit to ``X`` and return its reduced form (``X``'s shape, ``axis`` of size ``k``)."""
-        flat, mid, ax, bax = self._flatten(X)
+    def fit_transform(self, X: ArrayLike, y: None = None) -> ArrayLike:
+        """Fit to ``X`` and return its reduced form (``X``'s shape, ``axis`` of size ``k``).
+        ``y`` is ignored (scikit-learn's signature)."""
+        self._validate_params()
+        t = self._input(X)
+        flat, mid, ax, bax = self._flatten(t)
         r = nmf(
             flat, self.n_components, max_iter=self.max_iter, tol=self.tol, init=self.init,
             seed=self.seed, progress=self.progress, backend=self.backend,
         )
-        self._H = r.H
-        self._ref = X
-        H = r.H if bax is not None else r.H[0]
-        self.components_ = _like(H, X)
-        self.reconstruction_err_ = self._out(r.reconstruction_err, X)
-        self.rel_error_ = self._out(r.rel_error, X)
-        self.explained_variance_ = self._out(r.explained_variance, X)
-        self.n_iter_ = self._out(r.n_iter, X)
+        ref = self._kind(X, t)
+        self._components = r.H  # [B, k, F] as a tensor, for transform/inverse_transform
+        self.components_ = _like(r.H if bax is not None else r.H[0], ref)
+        self.reconstruction_err_ = self._out(r.reconstruction_err, ref)
+        self.rel_error_ = self._out(r.rel_error, ref)
+        self.explained_variance_ = self._out(r.explained_variance, ref)
+        self.n_iter_ = self._out(r.n_iter, ref)
         self.n_features_in_ = flat.shape[-1]
-        return _like(self._unflatten(r.W, mid, ax, bax), X)
+        self._n_features_out = self.n_components
+        return _like(self._unflatten(r.W, mid, ax, bax), ref)
 
-    def fit(self, X: ArrayLike) -> "NMFReducer":
-        """Fit to ``X``; returns ``self``."""
+    def fit(self, X: ArrayLike, y: None = None) -> "NMFReducer":
+        """Fit to ``X``; returns ``self``. ``y`` is ignored."""
         self.fit_transform(X)
         return self
 
-    def _check_fitted(self) -> torch.Tensor:
-        if self._H is None:
-            raise RuntimeError("this NMFReducer is not fitted yet; call fit or fit_transform first")
-        return self._H
+    def _fitted(self) -> torch.Tensor:
+        check_is_fitted(self, "components_", msg="this NMFReducer is not fitted yet; call fit or fit_transform first")
+        return self._components
 
     def transform(self, X: ArrayLike) -> ArrayLike:
         """Reduce new data with the fitted components (solves for ``W`` only, as scikit-learn)."""
-        H = self._check_fitted()
-        flat, mid, ax, bax = self._flatten(X)
+        H = self._fitted()
+        t = self._input(X)
+        flat, mid, ax, bax = self._flatten(t)
         if flat.shape[-1] != H.shape[-1] or flat.shape[0] != H.shape[0]:
             raise ValueError(
-                f"X has {flat.shape[-1]} features along axis {ax} (batch {flat.shape[0]}); "
-                f"this reducer was fitted on {H.shape[-1]} features (batch {H.shape[0]})"
+                f"X has {flat.shape[-1]} features, but NMFReducer is expecting {H.shape[-1]} features as input "
+                f"(along axis {ax}; batch {flat.shape[0]}, fitted on batch {H.shape[0]})"
             )
         r = nmf(flat, self.n_components, max_iter=self.max_iter, tol=self.tol, H=H.to(flat.device, flat.dtype),
                 backend=self.backend)
-        return _like(self._unflatten(r.W, mid, ax, bax), X)
+        ref = self._kind(X, t)
+        return _like(self._unflatten(r.W, mid, ax, bax), ref)
 
-    def inverse_transform(self, Y: ArrayLike) -> ArrayLike:
-        """Map reduced data (``axis`` of size ``k``) back to feature space: ``Y @ components_``."""
-        H = self._check_fitted()
-        t = _as_tensor(Y, "Y", self.device)
+    def inverse_transform(self, X: ArrayLike) -> ArrayLike:
+        """Map reduced data (``axis`` of size ``k``) back to feature space: ``X @ components_``."""
+        H = self._fitted()
+        t = self._input(X)
         ax, bax = self._axes(t.ndim)
         if t.shape[ax] != self.n_components:
-            raise ValueError(f"Y must have size {self.n_components} along axis {ax}; got shape {tuple(t.shape)}")
+            raise ValueError(f"X must have size {self.n_components} along axis {ax}; got shape {tuple(t.shape)}")
         flat, mid, ax, bax = self._flatten(t)
         if flat.shape[0] != H.shape[0]:
-            raise ValueError(f"Y has batch size {flat.shape[0]}; fitted batch size is {H.shape[0]}")
+            raise ValueError(f"X has batch size {flat.shape[0]}; fitted batch size is {H.shape[0]}")
         Xh = flat @ H.to(flat.device, flat.dtype)
-        return _like(self._unflatten(Xh, mid, ax, bax), Y)
+        _require_finite("NMFReducer.inverse_transform", result=Xh)
+        ref = self._kind(X, t)
+        return _like(self._unflatten(Xh, mid, ax, bax), ref)
 
     def __call__(self, X: ArrayLike) -> ArrayLike:
         """``transform`` when fitted, else ``fit_transform`` (as Lucid's ChannelReducer)."""
-        return self.transform(X) if self._H is not None else self.fit_transform(X)
+        return self.transform(X) if hasattr(self, "components_") else self.fit_transform(X)
 
 
 # ----------------------------------------------------------------------------- neuron factors
@@ -836,10 +1119,17 @@ def neuron_factors(
         k = _check_k(n_components, kh * kw, 2 * cin)
     except ValueError as e:
         raise ValueError(f"{e} (samples = kh*kw spatial positions, features = 2*in channel signs)") from None
-    r = nmf(X, k, max_iter=max_iter, tol=tol, seed=seed, progress=progress)
+    try:
+        r = nmf(X, k, max_iter=max_iter, tol=tol, seed=seed, progress=progress)
+    except NMFNumericalError as e:
+        ids = idx[e.indices].tolist()
+        raise NMFNumericalError(
+            f"neuron_factors: non-finite NMF result for {len(ids)} of {len(idx)} neurons (neuron {_first(ids)}); "
+            f"{_nonfinite_hint(X.dtype)}", ids) from None
     A, B = _sort_factors(r.W, r.H)
     spatial = A.mT.reshape(len(idx), k, kh, kw)
     loadings = B[..., :cin] - B[..., cin:]
+    _require_finite("neuron_factors", spatial=spatial, loadings=loadings)
     return NeuronFactors(spatial, loadings, r.explained_variance, r.rel_error, idx, r.n_iter)
 
 
@@ -927,6 +1217,7 @@ def family_factors(
     D, A = D / nrm[:, None], A * nrm[None, :]
     A = A.reshape(2, n, kh, kw, k)
     load = (A[0] - A[1]).permute(0, 3, 1, 2)  # [n, k, kh, kw]
+    _require_finite("family_factors", directions=D, loadings=load)
     dominant = load.flatten(2).norm(dim=2).argmax(dim=1)
     if dense:
         load = load[:, :, 0, 0]

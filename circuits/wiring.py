@@ -21,8 +21,8 @@ Example:
     >>> model = circuits.load_model()
     >>> channel_counts(model)["mixed3b"]
     160
-    >>> [name for name, first, n in concat_branches(model, "mixed3a")]
-    ['mixed3a_1x1', 'mixed3a_3x3', 'mixed3a_5x5', 'mixed3a_pool_reduce']
+    >>> " ".join(name for name, first, n in concat_branches(model, "mixed3a"))
+    'mixed3a_1x1 mixed3a_3x3 mixed3a_5x5 mixed3a_pool_reduce'
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def adjacent_conv(
     conv = conv_from_upstream(layer)
     if conv is not None:
         return conv
-    if isinstance(modules[layer], ELEMENTWISE_MODULES) and len(here.inputs) == 1:
+    if isinstance(get_layer(model, layer), ELEMENTWISE_MODULES) and len(here.inputs) == 1:  # 'module#k' too
         for name in graph.producers.get(here.inputs[0], []):
             conv = conv_from_upstream(name)
             if conv is not None:

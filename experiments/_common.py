@@ -1,7 +1,9 @@
-"""Helpers shared by the figure scripts (``experiments/fig*.py``) and the bottleneck study.
+"""Helpers shared by the figure scripts (``experiments/fig*.py``), the story-neuron search and
+the bottleneck study.
 
-Every script has ``run(config: dict) -> dict`` and is driven by a YAML file in ``configs/``
-(see :mod:`circuits.experiment`). Config keys common to all scripts:
+Every script has ``run(config: dict) -> dict``, is driven by a YAML file in ``configs/`` (see
+:mod:`circuits.experiment`) and declares the keys it reads in ``OPTIONS`` (built with
+:func:`options`): any other key is an error naming the valid ones. Keys common to all scripts:
 
 ``model``      ``inceptionv1`` | ``fashion-inception`` | a torchvision name, or an ``nn.Module``
                (tests pass one model to many runs).
@@ -11,19 +13,27 @@ Every script has ``run(config: dict) -> dict`` and is driven by a YAML file in `
 ``device``     ``cpu`` (default) or ``cuda``.
 ``out``        output folder (default ``outputs/<experiment>``); ``formats`` (default
                ``[png, svg]``), ``dpi`` (default 150).
-``render``     feature-visualization settings: ``steps``, ``size``, ``resize_to``, ``seed``,
-               ``batch_size``, ``cache`` (true: the default cache folder), ``progress``.
+``render``     feature-visualization settings: the keyword arguments of
+               :func:`circuits.featurevis.render` (``steps``, ``size``, ``seed``, ``cache``...).
 ``nmf``        ``max_iter``, ``tol``, ``seed``.
+``controls``   ``random_init`` (number of random-init draws, default 3), ``shuffled`` (number of
+               shuffles, default 3), ``seed`` (default 0): the controls every claim is compared
+               with (see ``_measures.py``).
+``story``      the story-neuron file (JSON written by ``story_neurons.py``; relative paths are
+               looked up next to the config). Targets ``story:NAME`` read it.
 
-Neuron choices: a target is ``"layer:index"``, or ``"layer:auto"`` (the output channel with
-the strongest weights from the script's upstream layer); a list of neurons is a list of
-indices or ``auto`` (see each script).
+Neuron choices: a target is ``"layer:index"`` or ``"story:NAME"`` (an entry of the story file,
+e.g. ``story:boundary``; ``story:boundary.source`` for a field of it); a list of neurons is a
+list of indices or ``story:NAME``. Figures never pick their own neurons: the story file holds
+one shared choice, with the measurements that made it.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -41,6 +51,7 @@ from circuits.wiring import layer_graph
 
 __all__ = [
     "Run",
+    "options",
     "start",
     "model_from_config",
     "feature_vis",
@@ -50,17 +61,51 @@ __all__ = [
     "resolve_target",
     "resolve_neurons",
     "strongest_outputs",
-    "similar_family",
-    "strongest_spatial",
+    "load_story",
     "grid_shape",
+    "support_box",
+    "on_support",
+    "add_caption",
+    "RENDER_KEYS",
 ]
 
-_DEFAULT_RENDER = {"steps": 512, "size": None, "resize_to": None, "seed": 0, "batch_size": None, "cache": True, "progress": True}
+_DEFAULT_RENDER = {"steps": 512, "seed": 0, "cache": True, "progress": True}
+#: valid ``render:`` keys: the keyword arguments of :func:`circuits.featurevis.render`
+RENDER_KEYS = tuple(n for n, p in inspect.signature(render).parameters.items()
+                    if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in ("model", "targets"))
+NMF_KEYS = ("max_iter", "tol", "seed")
+CONTROL_KEYS = ("random_init", "shuffled", "seed")
+_DEFAULT_CONTROLS = {"random_init": 3, "shuffled": 3, "seed": 0}
+
+COMMON_OPTIONS: dict[str, Any] = {
+    "model": "model name or nn.Module",
+    "weights": "checkpoint path/URL, 'random' or null",
+    "sha256": "checksum of a weights URL",
+    "device": "cpu or cuda",
+    "seed": "seed of random initialisation",
+    "out": "output folder",
+    "formats": "figure formats (png, svg, pdf)",
+    "dpi": "PNG resolution",
+    "progress": "progress bars",
+    "render": RENDER_KEYS,
+    "nmf": NMF_KEYS,
+    "controls": CONTROL_KEYS,
+    "story": "story-neuron JSON file",
+    "model_weights_note": "description of an in-memory model's weights",
+    "model_is_trained": "whether an in-memory model is trained",
+}
+
+
+def options(**script_options: Any) -> dict[str, Any]:
+    """A script's ``OPTIONS``: the common keys plus its own (``key="what it is"``)."""
+    out = dict(COMMON_OPTIONS)
+    out.update(script_options)
+    return out
 
 
 @dataclass
 class Run:
-    """State of one experiment run: config, model, where outputs go, what was written."""
+    """State of one experiment run: config, model, where outputs go, what was written, claims."""
 
     config: dict
     model: nn.Module
@@ -69,6 +114,7 @@ class Run:
     formats: list[str]
     dpi: int
     files: list[str] = field(default_factory=list)
+    _random: list = field(default_factory=list, repr=False)
 
     # ---------------------------------------------------------------- outputs
     def save_figure(self, result: Any, stem: str) -> list[str]:
@@ -117,6 +163,28 @@ class Run:
         n = {"max_iter": 200, "tol": 1e-4, "seed": 0}
         n.update(self.config.get("nmf") or {})
         return n
+
+    def control_settings(self) -> dict[str, int]:
+        c = dict(_DEFAULT_CONTROLS)
+        c.update(self.config.get("controls") or {})
+        bad = {k: v for k, v in c.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+        if bad:
+            raise ValueError(f"controls must be non-negative integers; got {bad}")
+        return c
+
+    def random_models(self) -> list[nn.Module]:
+        """The random-init controls (``controls.random_init`` re-initialised copies of the
+        model, seeds ``controls.seed + i``), made once per run."""
+        from _measures import random_init_copies
+
+        c = self.control_settings()
+        if len(self._random) != c["random_init"]:
+            self._random = list(random_init_copies(self.model, c["random_init"], c["seed"]))
+        return self._random
+
+    def shuffle_seeds(self) -> list[int]:
+        c = self.control_settings()
+        return [c["seed"] + i for i in range(c["shuffled"])]
 
 
 def _numpy(v: Any) -> Any:
@@ -195,8 +263,13 @@ def _resolve_path(p: str, config: dict) -> str:
     return str(alt) if alt.exists() else str(path)
 
 
-def start(config: dict) -> Run:
-    """Model, output folder and settings for a run (creates the folder)."""
+def start(config: dict, opts: Optional[dict] = None) -> Run:
+    """Validate the config's keys against ``opts`` (the script's ``OPTIONS``), then load the
+    model and create the output folder."""
+    if opts is not None:
+        from circuits.experiment import validate_config
+
+        validate_config(config, opts, config.get("_config_path") or f"{config.get('experiment', 'experiment')} config")
     model, info = model_from_config(config)
     out = Path(config.get("out") or f"outputs/{config.get('experiment', 'experiment')}").expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +282,41 @@ def start(config: dict) -> Run:
     return Run(config=config, model=model, model_info=info, out=out, formats=list(formats), dpi=int(config.get("dpi", 150)))
 
 
-# ---------------------------------------------------------------------------- layers & weights
+# ---------------------------------------------------------------------------- story neurons
+
+
+def load_story(config: dict) -> dict:
+    """The story-neuron file named by ``config["story"]`` (relative: next to the config, then the
+    working directory)."""
+    spec = config.get("story")
+    if not spec:
+        raise ValueError("a 'story:' target needs the config key 'story' (the JSON written by story_neurons.py)")
+    path = Path(_resolve_path(str(spec), config))
+    if not path.is_file():
+        raise FileNotFoundError(f"story-neuron file {spec!r} not found (run: circuits run configs/story_neurons_fashion.yaml)")
+    return json.loads(path.read_text())
+
+
+def story_entry(spec: str, config: dict) -> Any:
+    """``"story:boundary"`` → the ``boundary`` entry; ``"story:boundary.source"`` → its field."""
+    story = load_story(config)
+    node: Any = story["neurons"]
+    for part in spec[len("story:"):].split("."):
+        if not isinstance(node, dict) or part not in node:
+            have = sorted(node) if isinstance(node, dict) else []
+            raise ValueError(f"{spec!r}: no {part!r} in the story file {config.get('story')!r} (it has {', '.join(have)})")
+        node = node[part]
+    return node
+
+
+def story_matches(run: "Run") -> Optional[bool]:
+    """Whether the run's model is the one the story file was measured on (``None``: no story)."""
+    if not run.config.get("story"):
+        return None
+    from circuits._io import state_dict_hash
+
+    return load_story(run.config).get("model", {}).get("state_dict_hash") == state_dict_hash(run.model)
+
 
 def layer_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Output shape (no batch) of every named layer at the model's input size (the model's cached wiring)."""
@@ -239,42 +346,14 @@ def strongest_outputs(weights: torch.Tensor, n: int) -> list[int]:
     return rank_inputs(weights.reshape(weights.shape[0], -1, 1), max(1, n))[0].tolist()
 
 
-def strongest_spatial(weights: torch.Tensor) -> int:
-    """The output channel with the largest L2 among those whose weights cover more than one
-    spatial position (so spatial figures have something to show); any channel if none does."""
-    norms = weights.flatten(1).norm(dim=1)
-    support = (weights.flatten(2).abs().sum(dim=1) > 0).sum(dim=1)
-    spatial = support > 1
-    if bool(spatial.any()):
-        norms = torch.where(spatial, norms, torch.full_like(norms, -1.0))
-    return int(norms.argmax())
-
-
-def similar_family(weights: torch.Tensor, n: int, seed: Optional[int] = None) -> list[int]:
-    """A family of ``n`` output channels with similar weights: the seed (default:
-    :func:`strongest_spatial`) and the ``n - 1`` channels whose flattened weights have the
-    highest cosine similarity to it (among channels covering several positions when the seed does)."""
-    flat = weights.flatten(1)
-    if seed is None:
-        seed = strongest_spatial(weights)
-    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    sim = unit @ unit[seed]
-    support = (weights.flatten(2).abs().sum(dim=1) > 0).sum(dim=1)
-    if int(support[seed]) > 1:  # keep spatial figures spatial: only neurons covering several positions
-        sim = torch.where(support > 1, sim, torch.full_like(sim, -2.0))
-    sim[seed] = float("inf")
-    return sim.argsort(descending=True, stable=True)[: max(1, n)].tolist()
-
-
-def resolve_target(spec: str, model: nn.Module, from_layer: str) -> tuple[str, int]:
-    """``"layer:idx"`` → (layer, idx); ``"layer:auto"`` → the channel with the strongest weights
-    from ``from_layer`` (L2 over the expanded/direct weights)."""
+def resolve_target(spec: str, model: nn.Module, config: Optional[dict] = None) -> tuple[str, int]:
+    """``"layer:idx"`` → (layer, idx); ``"story:NAME"`` → the story file's neuron (its
+    ``target``, or the entry itself when it is a ``"layer:idx"`` string)."""
+    if isinstance(spec, str) and spec.startswith("story:"):
+        entry = story_entry(spec, config or {})
+        spec = entry["target"] if isinstance(entry, dict) else entry
     if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(f"a target is 'layer:index' or 'layer:auto'; got {spec!r}")
-    layer, _, idx = spec.partition(":")
-    if idx.strip() == "auto":
-        w, _ = weights_between(model, from_layer, layer)
-        return layer, strongest_spatial(w)
+        raise ValueError(f"a target is 'layer:index' or 'story:NAME'; got {spec!r}")
     t = parse_target(spec)
     if t.channel is None:
         raise ValueError(f"target {spec!r} needs a channel index")
@@ -284,20 +363,46 @@ def resolve_target(spec: str, model: nn.Module, from_layer: str) -> tuple[str, i
     return t.layer, int(t.channel)
 
 
-def resolve_neurons(spec: Union[str, Sequence[int], None], n_total: int, auto: Any, what: str = "neurons") -> list[int]:
-    """A list of channel indices from a config value: a list (checked against ``n_total``), or
-    ``auto``/``None`` → ``auto()`` (a callable returning the list)."""
+def resolve_neurons(spec: Union[str, Sequence[int], None], n_total: int, auto: Any = None, what: str = "neurons",
+                    config: Optional[dict] = None) -> list[int]:
+    """A list of channel indices from a config value: a list (checked against ``n_total``),
+    ``story:NAME`` (the entry's ``neurons``), or ``auto``/``None`` → ``auto()`` where the
+    script offers one (a callable returning the list)."""
+    if isinstance(spec, str) and spec.startswith("story:"):
+        entry = story_entry(spec, config or {})
+        spec = entry["neurons"] if isinstance(entry, dict) else entry
     if spec is None or spec == "auto":
+        if auto is None:
+            raise ValueError(f"{what}: give a list of channel indices or 'story:NAME'")
         return [int(i) for i in auto()]
     if isinstance(spec, (int, np.integer)):
         spec = [int(spec)]
     if not isinstance(spec, (list, tuple)) or not spec:
-        raise ValueError(f"{what} must be a non-empty list of channel indices or 'auto'; got {spec!r}")
+        raise ValueError(f"{what} must be a non-empty list of channel indices, 'story:NAME' or 'auto'; got {spec!r}")
     out = [int(i) for i in spec]
     bad = [i for i in out if i < 0 or i >= n_total]
     if bad:
         raise ValueError(f"{what}: indices {bad} are out of range for a layer with {n_total} channels (0..{n_total - 1})")
     return out
+
+
+def support_box(w: Any) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the bounding box of the positions where weights ``[..., kh, kw]`` are
+    non-zero (the whole window when all are zero). Expanded weights come in the receptive-field
+    window of a layer; a neuron whose kernel is smaller has zero padding there, which is not a
+    weight and should not be drawn as one."""
+    a = np.abs(np.asarray(_numpy(w), dtype=np.float64))
+    nz = a.reshape(-1, *a.shape[-2:]).sum(0) > 0
+    if not nz.any():
+        return 0, a.shape[-2], 0, a.shape[-1]
+    ys, xs = np.flatnonzero(nz.any(1)), np.flatnonzero(nz.any(0))
+    return int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+
+
+def on_support(w: Any) -> Any:
+    """``w [..., kh, kw]`` cropped to :func:`support_box` (for drawing)."""
+    y0, y1, x0, x1 = support_box(w)
+    return w[..., y0:y1, x0:x1]
 
 
 def grid_shape(n: int) -> tuple[int, int]:
@@ -310,26 +415,33 @@ def grid_shape(n: int) -> tuple[int, int]:
 
 
 def feature_vis(run: Run, targets: Sequence[Union[str, Objective]]) -> list[np.ndarray]:
-    """Feature visualizations (display form: ``[H, W, 3]`` or ``[H, W]`` in ``[0, 1]``), in order.
+    """Feature visualizations (display form: ``[H, W, 3]`` or ``[H, W]`` in ``[0, 1]``), in order,
+    rendered with the config's ``render:`` settings (the keyword arguments of
+    :func:`circuits.featurevis.render`; cached by content when ``cache`` is set).
 
     ``render.steps: 0`` skips optimisation (returns the random starting images, for tests).
     """
     if not targets:
         return []
-    r = run.render_settings()
-    cache = r.get("cache")
-    result = render(
-        run.model,
-        list(targets),
-        steps=int(r["steps"]),
-        size=r.get("size"),
-        resize_to=r.get("resize_to"),
-        seed=int(r.get("seed", 0)),
-        batch_size=r.get("batch_size"),
-        progress=bool(r.get("progress", True)),
-        cache=(True if cache is True else (cache or None)),
-    )
+    result = render(run.model, list(targets), **run.render_settings())
     return [result.image(i) for i in range(len(result))]
+
+
+def add_caption(result: Any, lines: Sequence[str], fontsize: float = 7.0, title: Optional[str] = None) -> None:
+    """Write ``lines`` (the figure's claims and controls) below everything already drawn (tick
+    labels included), wrapped to the figure's width; ``title``, if given, above everything."""
+    fig = getattr(result, "figure", result)
+    if not hasattr(fig.canvas, "get_renderer"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    h = fig.get_figheight()
+    width = max(20, int(fig.get_figwidth() * 72 / (fontsize * 0.52)))
+    text = "\n".join(textwrap.fill(line, width) for line in lines)
+    fig.text(0.5, min(0.0, box.y0 / h) - 0.04 / h, text, ha="center", va="top", fontsize=fontsize)
+    if title:
+        fig.text(0.5, max(1.0, box.y1 / h) + 0.06 / h, title, ha="center", va="bottom", fontsize=9)
 
 
 def centre_activation(model: nn.Module, images01: torch.Tensor, layer: str, channel: int) -> torch.Tensor:

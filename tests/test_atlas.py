@@ -89,7 +89,9 @@ def test_featurevis_cache_requests_are_what_render_stores(model, tmp_path):
     # a single target, and the mixed-precision flag follows the device type
     assert fv_requests(model, "mixed3a:5", **opts) == requests[:1]
     assert fv_requests(model, "mixed3a:5", mixed_precision=True, device="cuda", **opts)[0]["mixed_precision"] is True
-    assert fv_requests(model, "mixed3a:5", mixed_precision=True, **opts)[0]["mixed_precision"] is False
+    from circuits.featurevis import bf16_autocast_supported
+
+    assert fv_requests(model, "mixed3a:5", mixed_precision=True, **opts)[0]["mixed_precision"] is bf16_autocast_supported("cpu")
     with pytest.raises(TypeError, match="stepz"):
         fv_requests(model, targets, stepz=3)
     with pytest.raises(ValueError, match="steps"):
@@ -286,10 +288,13 @@ def ray_run(model, plan, tmp_path_factory):
             result = build_atlas(model, LAYERS, out, engine="ray", max_retries=2, progress=False, **SETTINGS)
         # a worker process that dies (as on a lost machine) is replaced and its task retried
         crash_dir = tmp_path_factory.mktemp("crash-ray")
-        with fail_once(f"{crash_dir}::render-*::exit"):
+        with fail_once(f"{crash_dir}::render-*::exit"):  # with 2 torch threads (and 2 CPU slots) per task
             crash = build_atlas(model, ["mixed3a"], tmp_path_factory.mktemp("atlas-crash"), engine="ray", progress=False,
-                                neurons=4, upstream_renders="none", dataset=None, steps=1, top_k=2)
+                                threads=2, neurons=4, upstream_renders="none", dataset=None, steps=1, top_k=2)
         crashed = sorted(p.stem for p in crash_dir.glob("*.failed"))
+        with pytest.raises(ValueError, match="threads=3 CPU slots per task, but the Ray cluster has 2"):
+            build_atlas(model, ["mixed3a"], tmp_path_factory.mktemp("atlas-3"), engine="ray", progress=False, threads=3,
+                        neurons=4, upstream_renders="none", dataset=None, steps=1, top_k=2)
     finally:
         ray.shutdown()
     return out, result, fail_dir, victims, (crash, crashed)
@@ -309,6 +314,8 @@ def test_ray_retries_failed_tasks_and_completes(plan, ray_run):
     assert result.pages_built and result.pages_rendered == 0 and result.index.is_file()
     assert len({r["pid"] for r in result.report.results}) >= 2  # ran on more than one worker
     assert crashed == ["render-mixed3a-000"] and crash.report.completed and crash.report.rendered == 4
+    assert crash.report.threads == 2 and [r["threads"] for r in crash.report.results] == [2, 2]
+    assert {r["threads"] for r in result.report.results} == {1}  # default: one slot and one thread per task
     assert crash.pages_built and crash.plan.pending(crash.store) == []
 
 
@@ -343,7 +350,7 @@ def test_url_store_and_dry_run(model, tmp_path):
     est = dry.estimate
     assert est.tasks == {"tables": 1, "render": 1} and est.renders_pending == 3 and est.render_seconds > 0
     assert not list((tmp_path / "dry").rglob("*.npz")) and (tmp_path / "dry" / "plan.json").is_file()
-    assert "estimated render device time" in str(est)
+    assert "estimated run time" in str(est) and est.total_seconds > est.render_seconds
 
     url = (tmp_path / "shared").as_uri()
     res = build_atlas(model, ["mixed3a"], tmp_path / "out", cache=url, progress=False, **small)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from collections import OrderedDict
 
 import pytest
@@ -140,20 +141,21 @@ class WithGELU(nn.Module):
         return self.b(self.act(self.a(x)))
 
 
-def test_unsupported_nonlinearities_name_the_op_and_module():
+def test_article_policy_names_the_op_and_module():
     model = WithGELU().eval()
     x = torch.randn(1, 2, 5, 5)
     with pytest.raises(UnsupportedNonlinearityError, match=r"gelu\(\).*'act'"):
-        with linearized(model):
+        with linearized(model, policy="article"):
             model(x)
     with pytest.raises(UnsupportedNonlinearityError, match=r"sigmoid"):
-        with linearized(model):
+        with linearized(model, policy="article"):
             torch.sigmoid(x)
     bn = nn.BatchNorm2d(2)
     with pytest.raises(UnsupportedNonlinearityError, match=r"batch_norm.*training mode.*eval"):
-        with linearized(bn):
+        with linearized(bn, policy="article"):
             bn.train()(x)
-    with linearized(bn):  # affine in eval mode; dropout in eval mode is the identity
+    assert int(bn.num_batches_tracked) == 0  # buffers restored
+    with linearized(bn, policy="article"):  # affine in eval mode; dropout in eval mode is the identity
         assert torch.allclose(bn.eval()(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
         assert torch.equal(nn.Dropout(0.5).eval()(x), x)
 
@@ -305,8 +307,9 @@ def test_bad_layers_raise_clear_errors(inception_model, fashion_random):
         expanded_weights(inception_model, "mixed3bb", "mixed4a")
     with pytest.raises(ValueError, match="same layer"):
         expanded_weights(inception_model, "mixed3b", "mixed3b")
-    with pytest.raises(ValueError, match=r"'logits'.*\(1, 10\).*2-D"):
-        expanded_weights(fashion_random, "mixed4a", "logits")
+    tokens = nn.Sequential(OrderedDict(a=nn.Conv2d(2, 3, 3), t=nn.Flatten(2))).eval()  # [B, C, h*w]
+    with pytest.raises(ValueError, match=r"'t' has no activation layout.*nchw \[batch, channels, h, w\].*set_layout"):
+        expanded_weights(tokens, "a", "t", input_shape=(2, 9, 9))
     with pytest.raises(ValueError, match="channel 160 is out of range"):
         expanded_weights(fashion_random, "mixed3a", "mixed3b", channels=[160])
     with pytest.raises(ValueError, match="names a layer, not a neuron"):
@@ -318,7 +321,7 @@ def test_bad_layers_raise_clear_errors(inception_model, fashion_random):
 def test_unsupported_model_errors():
     model = WithGELU().eval()
     with pytest.raises(UnsupportedNonlinearityError, match=r"gelu\(\)"):
-        expanded_weights(model, "a", "b", input_shape=(2, 9, 9))
+        expanded_weights(model, "a", "b", input_shape=(2, 9, 9), policy="article")
 
     class Square(nn.Module):
         def __init__(self):
@@ -431,3 +434,67 @@ def test_inconsistent_fast_path_falls_back_to_plain(monkeypatch):
     ex._GEOMETRY_CACHE.clear()
     monkeypatch.setattr(ex, "_lazy_conv2d", lambda args, kwargs: F.conv2d(*args, **kwargs) * 0)
     assert torch.allclose(expanded_weights(model, "x", "b", input_shape=(3, 12, 12)), good, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- ReLU-only models: unchanged
+
+GOLDEN = Path(__file__).parent / "data" / "expanded_golden.pt"
+
+
+@pytest.mark.skipif(not FASHION_WEIGHTS.is_file(), reason="trained FashionInception weights not built yet")
+def test_relu_only_models_give_the_numbers_from_before_policies(inception_model):
+    """``tests/data/expanded_golden.pt`` was computed with the code before linearisation policies
+    (commit stored in the file); the default and the article policy must reproduce it to the bit,
+    and a reference must not matter where nothing is frozen."""
+    from circuits.models import load_model
+
+    golden = torch.load(GOLDEN)["weights"]
+    fashion = load_model()
+    cases = [
+        (fashion, "fashion:conv2d2>mixed3b", [5, 77], {}),
+        (fashion, "fashion:mixed3b>mixed4a", [9], {}),
+        (inception_model, "inception:mixed3a>mixed3b", [100, 479], {"input_shape": (3, 96, 96)}),
+        (inception_model, "inception:conv2d1>mixed3a", [1], {"input_shape": (3, 96, 96)}),
+    ]
+    for model, key, channels, kw in cases:
+        src, dst = key.split(":")[1].split(">")
+        for policy in ("default", "article"):
+            assert torch.equal(expanded_weights(model, src, dst, channels=channels, policy=policy, **kw), golden[key]), key
+        shape = kw.get("input_shape", (1, 28, 28))
+        conn = connection_weights(model, src, dst, channels, reference=torch.randn(2, *shape), **kw)
+        assert torch.equal(conn.weights, golden[key]) and conn.frozen == () and conn.reference is None
+
+
+def test_dense_to_layer_and_per_example_on_a_frozen_path(fashion_random):
+    # logits = Linear(avg pool(mixed4a)): E[f, c, y, x] = W[f, c] / (h * w) over the whole 7x7 map
+    E = expanded_weights(fashion_random, "mixed4a", "logits")
+    assert E.shape == (10, 224, 7, 7)
+    golden = (fashion_random.logits.weight.detach() / 49)[:, :, None, None].expand(-1, -1, 7, 7)
+    assert torch.allclose(E, golden, atol=1e-6 * float(golden.abs().max()))
+    assert torch.allclose(E[:, :, 1:-1, 1:-1], expanded_weights(fashion_random, "mixed4a", "logits", crop=5), atol=0)
+    x = torch.randn(2, 1, 28, 28)
+    pe = per_example_connections(fashion_random, x, "mixed4a", "logits:3")
+    with capture(fashion_random, ["mixed4a", "logits"]) as acts:
+        fashion_random(x)
+    g = torch.autograd.grad(acts["logits"][:, 3].sum(), acts["mixed4a"])[0]
+    assert pe.shape == (2, 224, 7, 7) and torch.allclose(pe, g, atol=1e-7)
+    with pytest.raises(ValueError, match=r"layer .logits. is dense \(\[batch, 10\]\); it has no positions: drop .@y,x."):
+        per_example_connections(fashion_random, x, "mixed4a", "logits:3@1,1")
+
+    class Gate(nn.Module):  # per-example connections where the plan freezes a gate
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+
+        def forward(self, x):
+            a = self.a(x)
+            return self.b(a * torch.sigmoid(a.mean((2, 3), keepdim=True)))
+
+    torch.manual_seed(8)
+    gate = Gate().eval()
+    x = torch.randn(1, 2, 9, 9)
+    pe = per_example_connections(gate, x, "a", "b:1")
+    with capture(gate, ["a", "b"]) as acts:
+        gate(x)
+    g = torch.autograd.grad(acts["b"][0, 1, 4, 4], acts["a"])[0][0]  # the real gradient, gate path included
+    assert pe.shape == (1, 3, 3, 3) and torch.allclose(pe[0], g[:, 3:6, 3:6], atol=1e-6)

@@ -17,6 +17,7 @@ from torch import nn
 from circuits.featurevis import (
     FeatureVisCache,
     ImageParam,
+    RenderSettings,
     Transforms,
     channel,
     dataset_examples,
@@ -144,7 +145,20 @@ def test_default_transforms_scale_with_size() -> None:
     assert default_transforms(128) == Transforms()
     assert default_transforms(224) == Transforms()
     small = default_transforms(28)
-    assert (small.pad, small.jitter, small.jitter2) == (3, 2, 1)
+    assert (small.pad, small.jitter, small.jitter2, small.scales, small.angles) == (1, 3, 1, (1.0,), (0.0,))
+    for side in (7, 28, 48, 64, 100):
+        tr = default_transforms(side)
+        assert tr.nominal_size((side, side)) == (side, side)  # the model sees the image at its own scale
+        offsets = tr.sample(torch.Generator().manual_seed(side), 200)[:, :2]
+        assert torch.equal(offsets, offsets.round()) and offsets.abs().max() == tr.pad  # whole-pixel shifts
+        assert (len(tr.scales) > 1) == (side >= T.SMALL_IMAGE) == (len(tr.angles) > 1)
+    assert default_transforms(6) == Transforms.none()
+    # a whole-pixel shift with fill: exactly the shifted image
+    img = torch.rand(1, 1, 28, 28)
+    out = T.apply(img, small.matrices(_draw(t1=(1.0, -1.0)), (28, 28)), (28, 28))
+    expected = torch.full_like(img, 0.5)
+    expected[..., 1:, :-1] = img[..., :-1, 1:]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="too small for the transforms"):
         Transforms().check_size((16, 16))
 
@@ -255,10 +269,12 @@ def test_render_is_seeded() -> None:
     assert torch.equal(r.images, again.images) and torch.equal(r.objective_values, again.objective_values)
     other = render(fashion, TARGETS, steps=12, progress=False, seed=8)
     assert not torch.allclose(other.images, r.images)
-    # float32: oneDNN rounds differently per batch size; images agree to float tolerance
+    # float32: oneDNN rounds differently per batch size and Adam's normalisation amplifies
+    # last-bit differences (lr 0.1 at 28 px): batched and alone agree to a few 1e-3; exact
+    # equality is checked in float64 below
     for i, t in enumerate(TARGETS):
         alone = render(fashion, t, **kw)
-        torch.testing.assert_close(alone.images[0], r.images[i], atol=1e-4, rtol=0)
+        torch.testing.assert_close(alone.images[0], r.images[i], atol=5e-3, rtol=0)
 
 
 def test_batched_equals_alone_float64(fashion: nn.Module) -> None:
@@ -308,9 +324,9 @@ def test_cache_hits_and_corrupt_files(fashion: nn.Module, tmp_path, monkeypatch)
     calls: list[int] = []
     real = render_mod._optimize
 
-    def counting(model, objectives, seeds, **kw):
+    def counting(model, objectives, seeds, *args, **kw):
         calls.append(len(objectives))
-        return real(model, objectives, seeds, **kw)
+        return real(model, objectives, seeds, *args, **kw)
 
     monkeypatch.setattr(render_mod, "_optimize", counting)
     cache = FeatureVisCache(tmp_path)
@@ -377,30 +393,37 @@ def _trained_model() -> nn.Module:
     return load_model()
 
 
-@pytest.mark.slow
-def test_rendered_images_beat_every_test_image() -> None:
-    """For the 10 logits and 16 mixed4a channels, the rendered image activates its target more
-    than every one of the 10k Fashion-MNIST test images does (same objective)."""
+@pytest.fixture(scope="module")
+def best_test_values() -> torch.Tensor:
+    """``[26]`` best objective value of the 10k Fashion-MNIST test images for each acceptance target."""
     from circuits.datasets import load_fashion_mnist
 
     model = _trained_model()
     images, _ = load_fashion_mnist("test")
-    best = objective_values(model, ACCEPT_TARGETS, images, batch_size=1000).max(dim=1).values
-    result = render(model, ACCEPT_TARGETS, steps=ACCEPT_STEPS, lr=ACCEPT_LR, transforms=ACCEPT_TRANSFORMS, progress=False)
+    return objective_values(model, ACCEPT_TARGETS, images, batch_size=1000).max(dim=1).values
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_library_defaults_beat_every_test_image(seed: int, best_test_values: torch.Tensor) -> None:
+    """Issue 15's acceptance: at library defaults (no options but the seed), the rendered image of
+    each of the 10 logits and 16 mixed4a channels of the bundled model activates its target more
+    than every one of the 10k Fashion-MNIST test images does (the same objective, evaluated the
+    same way: ``objective_values`` on the image), and the result says so without a warning."""
+    import warnings
+
+    from circuits.featurevis import RenderWarning
+
+    model = _trained_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RenderWarning)
+        result = render(model, ACCEPT_TARGETS, seed=seed, progress=False, reference=best_test_values)
+    assert result.settings == RenderSettings(seed=seed)
     again = objective_values(model, ACCEPT_TARGETS, result.images).diagonal()
     torch.testing.assert_close(again, result.objective_values, atol=1e-4, rtol=1e-4)
-    beaten = result.objective_values > best
-    assert beaten.all(), [(t, float(v), float(b)) for t, v, b, ok in zip(ACCEPT_TARGETS, result.objective_values, best, beaten) if not ok]
-
-
-# The check is that the optimiser reaches high activations, so no robustness transforms (on
-# 28 px images Lucid-style jitter/scale/rotation trade peak activation for legibility: with
-# light transforms logits:0 stops ~1% short of the best test image at 256 steps), and a larger
-# step size for the small budget. With these settings every target beats the best test image
-# by a factor >= 1.5 for seeds 0-2 (64-128 steps).
-ACCEPT_STEPS = 128
-ACCEPT_LR = 0.2
-ACCEPT_TRANSFORMS = Transforms(pad=0, jitter=1, scales=(1.0,), angles=(0.0,), jitter2=1)
+    torch.testing.assert_close(result.data_best, best_test_values)
+    assert result.beats_data == [True] * len(ACCEPT_TARGETS), [
+        (t, float(v), float(b)) for t, v, b in zip(ACCEPT_TARGETS, result.objective_values, best_test_values) if v <= b]
 
 
 # --- against Lucent (slow) --------------------------------------------------------------

@@ -168,3 +168,69 @@ def test_graph_residual_edges():
 
     g = trace_graph(Res(), torch.zeros(2, 4), color_by=None)
     assert set(g.edges) == {("input", "a"), ("a", "b"), ("a", "act"), ("b", "act"), ("act", "output")}
+
+
+def test_histogram_and_pooling_work_block_by_block():
+    from circuits.inspect import histogram, pool_matrix
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 11, generator=g)
+    w[3, 4] = float("nan")
+    w[30, 0] = float("inf")
+    whole, blocked = histogram(w, bins=13), histogram(w, bins=13, block_elems=7)
+    np.testing.assert_array_equal(whole["counts"], blocked["counts"])
+    assert whole["n"] == w.numel() - 2 and whole["n_nonfinite"] == 2
+    finite = w[torch.isfinite(w)]
+    assert whole["edges"][0] == pytest.approx(finite.min().item()) and whole["edges"][-1] == pytest.approx(finite.max().item())
+    pooled, factor = pool_matrix(w, max_size=5, block_elems=3)
+    assert factor == (8, 3) and pooled.shape == (5, 4)
+    m = w.double().numpy()
+    cell = m[0:8, 3:6]
+    cell = cell[np.isfinite(cell)]
+    assert pooled[0, 1] == pytest.approx(cell.mean())
+    np.testing.assert_allclose(pooled, pool_matrix(w, max_size=5)[0])  # any block size, same cells
+
+
+def test_embedding_caps_units_and_reduces_with_pca():
+    from circuits.inspect import embedding_input
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(600, 300, generator=g)
+    prep = embedding_input(w, max_units=200, pca_dims=20, seed=1)
+    assert prep["x"].shape == (200, 20) and prep["n_total"] == 600 and prep["pca_dims"] == 20
+    assert len(set(prep["units"].tolist())) == 200 and (np.diff(prep["units"]) > 0).all()
+    np.testing.assert_array_equal(prep["units"], embedding_input(w, 200, 20, seed=1)["units"])  # seeded
+    np.testing.assert_allclose(prep["norms"], w[torch.as_tensor(prep["units"])].norm(dim=1).numpy(), rtol=1e-6)
+    assert embedding_input(w, max_units=5000, max_values=30_000)["x"].shape[0] == 100  # a memory cap too
+    fig, data = plot_neuron_embedding(w, "big", method="tsne", max_units=150, pca_dims=10, perplexity=10)
+    assert data["embedding"].shape == (150, 2) and data["pca_dims"] == 10 and data["n_total"] == 600
+    title = fig.axes[0].get_title()
+    assert "150 of 600 units (seeded sample)" in title and "PCA to 10 dims" in title
+
+
+def test_spectra_and_alpha_plots_show_the_fits():
+    from circuits.inspect import plot_alphas, plot_spectra
+    from circuits.models import load_model
+
+    table = weight_stats(load_model())
+    _, data = plot_alphas(table)
+    fitted = [r for r in table if r.spectrum is not None and r.spectrum.alpha == r.spectrum.alpha]
+    assert data["names"] == [r.name for r in fitted]
+    np.testing.assert_allclose(data["alphas"], [r.spectrum.alpha for r in fitted])
+    fig, data = plot_spectra(table, max_layers=4)
+    assert len(data) == 4 and all(len(d["evals"]) > 0 for d in data.values())
+    with pytest.raises(ValueError, match="no layer has a spectrum"):
+        plot_spectra(weight_stats({"w": torch.ones(3, 3)}, spectral="none"))
+
+
+def test_plot_is_a_deprecated_alias_of_figure_result():
+    import circuits.inspect.plots as plots_module
+    from circuits.figures import FigureResult
+
+    with pytest.warns(DeprecationWarning, match="FigureResult"):
+        alias = plots_module.Plot
+    assert alias is FigureResult
+    res = plot_heatmap(torch.randn(4, 4))
+    assert isinstance(res, FigureResult)
+    fig, data = res  # still unpacks like the old NamedTuple
+    assert fig is res.figure and data is res.data

@@ -110,15 +110,12 @@ def _bad_inputs(tmp_path):
     text.write_text("not a checkpoint\n" * 20)
     empty = tmp_path / "empty.pth"
     torch.save({}, empty)
-    mixed = tmp_path / "mixed.pth"
-    torch.save({"w": torch.ones(3), "step": 10}, mixed)
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"w": torch.ones(3), "rng": np.random.default_rng(0)}, unsafe)
     return {
-        text: "not a readable checkpoint",
-        empty: "empty state dict",
-        mixed: "not tensors: step",
-        unsafe: "arbitrary code",
+        text: "is a text file (starting 'not a checkpoint')",
+        empty: "holds no tensors (empty state dict",
+        unsafe: "imports numpy.random._pickle.__generator_ctor",
         tmp_path / "missing.safetensors": "not found",
         "resnet5O": "unknown model",
     }
@@ -150,3 +147,50 @@ def test_module_entry_point_subprocess(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1].startswith("fc.weight,3x5,float32,15,1.0,0.0")
+
+
+def test_large_checkpoint_plots_every_tensor_and_says_what_it_sampled(tmp_path, capsys, monkeypatch):
+    """The old report plotted only the first 256 MB of tensors; now every tensor is read once
+    and the plots sample from all of them, saying so."""
+    from bigfiles import write_sparse_safetensors
+    from circuits.inspect.report import ReportLimits
+
+    rows, cols, n = 2560, 4096, 10  # 10 x 40 MiB float32: 400 MiB, a sparse file
+    path = tmp_path / "big.safetensors"
+    write_sparse_safetensors(path, n, rows, cols, lambda i: np.full((4, cols), i + 1, np.float32))  # 4 live rows
+    monkeypatch.setattr(ReportLimits, "max_histograms", 6)
+    out = tmp_path / "r"
+    from circuits.inspect import StatsConfig
+
+    inspect_report(path, out_dir=out, format="html", config=StatsConfig(spectral="none"), embedding=False)
+    page = (out / "report.html").read_text()
+    assert "histograms: every finite value of 6 of 10 weight tensors (evenly spaced)" in page
+    assert "heatmap of layer0.weight (2560, 4096): every value, block-mean pooled 10x16" in page
+    assert "spectral norms and diagnostics: not computed" in page
+    inspect_report(path, out_dir=out, format="table", config=StatsConfig(spectral="none"), embedding=False, max_heatmaps=0)
+    text = capsys.readouterr().out
+    assert "covers: histograms: every finite value of 6 of 10 weight tensors (evenly spaced)" in text
+
+
+def test_report_shows_nan_units_and_spectral_columns(tmp_path):
+    state = load_model_state()
+    state["logits.weight"][3, 7] = float("nan")
+    save_state_dict(state, tmp_path / "m.safetensors")
+    out = tmp_path / "r"
+    table = inspect_report(tmp_path / "m.safetensors", out_dir=out, format="html", embedding=False)
+    assert table["logits.weight"].nan_units == [3]
+    page = (out / "report.html").read_text()
+    assert "<td>1 in 3</td>" in page and "contains 1 NaN (in 1 of 10 rows: 3)" in page
+    assert "alpha (fit)" in page and "(good, D=" in page
+    recs = json.loads((out / "stats.json").read_text())
+    rec = {r["name"]: r for r in recs}
+    assert rec["logits.weight"]["nan_units"] == [3] and rec["logits.weight"]["alpha"] is None
+    assert len(rec["mixed4a_3x3_pre_relu_conv.weight"]["singular_values"]) == 96
+    for png in ("alphas.png", "spectra.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def load_model_state():
+    from circuits.models import load_model
+
+    return {k: v.clone() for k, v in load_model().state_dict().items()}

@@ -97,8 +97,9 @@ def test_planted_dead_filter_and_nan_are_found_by_index():
         r = tensor_stats("conv.weight", w, chunk_elems=chunk)
         assert r.dead_units == [5, 17]
         assert (r.n_nan, r.n_inf) == (1, 1)
-        assert any(f == "contains 1 NaN" for f in r.flags)
-        assert any(f == "contains 1 Inf" for f in r.flags)
+        assert (r.nan_units, r.inf_units) == ([9], [20])  # located by unit, like dead units
+        assert "contains 1 NaN (in 1 of 32 filters: 9)" in r.flags
+        assert "contains 1 Inf (in 1 of 32 filters: 20)" in r.flags
         assert any(f.startswith("6% of filters dead (2/32: 5, 17)") for f in r.flags), r.flags
         ref = _reference(w.numpy())
         assert r.mean == pytest.approx(ref["mean"], rel=1e-5)
@@ -123,7 +124,7 @@ def test_init_scale_flag():
     init = default_init_std(lin.weight.shape)
     assert init == pytest.approx(1 / math.sqrt(900))
     assert lin.weight.std().item() == pytest.approx(init, rel=0.05)  # PyTorch's default init
-    assert tensor_stats("w", lin.weight).flags == []
+    assert tensor_stats("w", lin.weight, spectrum=False).flags == []
     r = tensor_stats("w", lin.weight * 40)
     assert any(f.startswith("std 40x the layer's init scale") for f in r.flags), r.flags
     r = tensor_stats("w", lin.weight * 0.01)
@@ -135,7 +136,10 @@ def test_module_and_state_dict_sources():
     model = FashionInception()
     table = weight_stats(model)
     assert table.names() == [n for n, _ in model.named_parameters()]
-    assert table.flagged() == []  # a freshly initialised model has nothing to flag
+    # a freshly initialised model has nothing to flag but its untrained spectra
+    untrained = ("no structure beyond random", "nearly random spectrum, under-trained")
+    assert all(any(u in f for u in untrained) for r in table for f in r.flags), [r.flags for r in table.flagged()]
+    assert table.flagged() and weight_stats(model, spectrum=False).flagged() == []
     w = model.logits.weight.detach()
     assert table["logits.weight"].fro_norm == pytest.approx(w.norm().item(), rel=1e-5)
     bn = torch.nn.BatchNorm2d(4)
@@ -149,8 +153,10 @@ def test_module_and_state_dict_sources():
 def test_bad_sources():
     with pytest.raises(ValueError, match="empty"):
         weight_stats({})
-    with pytest.raises(TypeError, match="not tensors: epoch"):
-        weight_stats({"w": torch.ones(2, 2), "epoch": 3})
+    table = weight_stats({"w": torch.ones(2, 2), "epoch": 3})  # skipped with a note, like a file
+    assert table.names() == ["w"] and table.notes == ["skipped 1 entry that is not a tensor: epoch (int)"]
+    with pytest.raises(ValueError, match="holds no tensors"):
+        weight_stats({"epoch": 3})
     with pytest.raises(TypeError, match="nn.Module or a state dict"):
         weight_stats([1, 2, 3])
     with pytest.raises(ValueError, match="spectral"):

@@ -10,7 +10,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import scipy.sparse
+from sklearn.base import clone
 from sklearn.decomposition import NMF
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.utils.estimator_checks import check_estimator
 
 from circuits.layers import get_layer
 from circuits.models import FASHION_WEIGHTS, FashionInception, load_model
@@ -165,8 +172,12 @@ def test_numba_kernel_matches_the_torch_solver(init):
     torch.testing.assert_close(a32.reconstruction_err, b32.reconstruction_err, rtol=1e-4, atol=1e-5)
 
 
-def test_numba_results_do_not_depend_on_threads_and_allow_concurrent_callers():
+def test_numba_results_do_not_depend_on_threads_and_allow_concurrent_callers(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
+
+    import circuits.nmf
+
+    monkeypatch.setattr(circuits.nmf, "_FLOPS_PER_THREAD", 1.0)  # a second thread even for this small problem
 
     X = _posneg_neurons(torch.randn(40, 16, 5, 5, generator=torch.Generator().manual_seed(2)))
     before = torch.get_num_threads()
@@ -267,19 +278,72 @@ def test_reducer_batch_axis_equals_separate_fits():
 
 def test_reducer_errors():
     red = NMFReducer(2)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         red.transform(np.ones((3, 4)))
     with pytest.raises(ValueError, match="axis and batch_axis must differ"):
         NMFReducer(2, axis=1, batch_axis=1).fit(np.ones((2, 3, 4)))
     with pytest.raises(ValueError, match="out of range"):
         NMFReducer(2, axis=3).fit(np.ones((3, 4)))
     red.fit(np.random.rand(5, 4))
-    with pytest.raises(ValueError, match="fitted on 4 features"):
+    with pytest.raises(ValueError, match="X has 6 features, but NMFReducer is expecting 4 features"):
         red.transform(np.random.rand(5, 6))
     with pytest.raises(ValueError, match="size 2 along axis 1"):
         red.inverse_transform(np.random.rand(5, 3))
-    with pytest.raises(ValueError, match="positive int"):
-        NMFReducer(0)
+    # scikit-learn's contract: the constructor stores, fit validates
+    bad = NMFReducer(0)
+    assert bad.n_components == 0
+    with pytest.raises(ValueError, match="n_components must be a positive int; got 0"):
+        bad.fit(np.random.rand(5, 4))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        NMFReducer(2, backend="gpu").fit(np.random.rand(5, 4))
+    with pytest.raises(ValueError, match="init must be one of"):
+        NMFReducer(2, init="svd").fit(np.random.rand(5, 4))
+    with pytest.raises(ValueError, match="Negative values in data"):
+        NMFReducer(2).fit(-np.random.rand(5, 4))
+    with pytest.raises(TypeError, match="sparse"):
+        NMFReducer(2).fit(scipy.sparse.random(5, 4, density=0.5, format="csr"))
+
+
+def test_reducer_is_a_scikit_learn_estimator():
+    red = NMFReducer(3, max_iter=50, tol=1e-3)
+    assert red.get_params()["n_components"] == 3 and red.get_params()["max_iter"] == 50
+    twin = clone(red)
+    assert twin is not red and twin.get_params() == red.get_params()
+    assert repr(red) == "NMFReducer(max_iter=50, tol=0.001)"
+    red.set_params(n_components=2, axis=1)
+    assert (red.n_components, red.axis) == (2, 1)
+    assert clone(NMFReducer(3)).n_components == 3  # what issue 13 asks, literally
+    # in a Pipeline (and with a list as input); grid search can tune it
+    rng = np.random.default_rng(0)
+    X = rng.random((30, 12))
+    pipe = Pipeline([("nmf", NMFReducer(4)), ("ridge", Ridge())])
+    y = X @ rng.random(12)
+    pipe.fit(X.tolist(), y)
+    assert pipe.named_steps["nmf"].components_.shape == (4, 12)
+    assert pipe.predict(X).shape == (30,)
+    assert list(pipe[:-1].get_feature_names_out()) == ["nmfreducer0", "nmfreducer1", "nmfreducer2", "nmfreducer3"]
+    search = GridSearchCV(pipe, {"nmf__n_components": [2, 5]}, cv=2).fit(X, y)
+    assert search.best_params_["nmf__n_components"] in (2, 5) and np.isfinite(search.cv_results_["mean_test_score"]).all()
+    # fitting keeps the components, not the data
+    big = rng.random((200, 64)).astype(np.float32)
+    fitted = NMFReducer(3).fit(big)
+    held = [v for v in vars(fitted).values() if isinstance(v, (np.ndarray, torch.Tensor))]
+    assert all(v.size if isinstance(v, np.ndarray) else v.numel() for v in held)
+    assert max((v.size if isinstance(v, np.ndarray) else v.numel()) for v in held) <= 3 * 64
+    assert not any(v is big or (isinstance(v, np.ndarray) and np.shares_memory(v, big)) for v in held)
+
+
+def test_reducer_passes_scikit_learn_check_estimator(one_thread):
+    """Every check of scikit-learn's ``check_estimator`` passes (none skipped by us). The
+    instance uses ``n_components=2`` because several checks fit datasets with only 2 features
+    (the default 3 components cannot be fitted to them: a ValueError, as scikit-learn's own
+    NMF raises for nndsvd with more components than features)."""
+    results = check_estimator(NMFReducer(2), on_fail=None)
+    failed = {r["check_name"]: repr(r["exception"]) for r in results if r["status"] == "failed"}
+    assert not failed, failed
+    skipped = {r["check_name"] for r in results if r["status"] == "skipped"}
+    assert skipped <= {"check_array_api_input"}  # scikit-learn skips it unless SCIPY_ARRAY_API=1
+    assert len(results) >= 40
 
 
 # ----------------------------------------------------------------------------- bad input

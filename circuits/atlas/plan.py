@@ -19,8 +19,8 @@ can run in any order:
 
 Every result file is written atomically, so an interrupted run leaves complete files or
 none, and a restarted run skips every task whose files exist (:meth:`AtlasPlan.pending`).
-:func:`estimate` times a short calibration render per layer and extrapolates the device time
-of the pending render tasks (``circuits atlas --dry-run``).
+:func:`circuits.atlas.estimate.estimate` times a short real run of each kind of task and
+extrapolates the run (``circuits atlas --dry-run``).
 """
 
 from __future__ import annotations
@@ -28,19 +28,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .._io import PathLike, atomic_write_text, state_dict_hash
 from ..datasets import resolve_dataset
 from ..figures.pages import PageSettings, split_overrides
-from ..layers import capture, get_layer, layer_names, run_until, split_call
-from ..models import device_and_dtype, preprocess_input
+from ..layers import get_layer, layer_names, split_call
+from ..models import device_and_dtype
 from ..models import input_shape as model_input_shape
 from ..wiring import NeuronSpec, channel_counts, default_upstream, interesting_layers, select_neurons
 from .store import ResultStore
@@ -48,12 +46,10 @@ from .store import ResultStore
 __all__ = [
     "AtlasTask",
     "AtlasPlan",
-    "PlanEstimate",
     "make_plan",
     "batch_size_for",
     "cache_requests",
     "cache_relpath",
-    "estimate",
 ]
 
 TASK_KINDS = ("tables", "examples", "render")
@@ -265,12 +261,9 @@ def _task_relpath(kind: str, request: Mapping[str, Any]) -> str:
 
 def _floats_per_image(model: nn.Module, layer: str, out_size: tuple[int, int]) -> int:
     """Activation floats one image produces up to ``layer`` (every named layer's output + the input)."""
-    dev, dtype = device_and_dtype(model)
-    channels = model_input_shape(model)[0]
-    x = preprocess_input(model, torch.full((1, channels, *out_size), 0.5, device=dev, dtype=dtype))
-    with torch.no_grad(), capture(model, layer_names(model, tuple(x.shape[1:])), detach=True) as acts:
-        run_until(model, x, [layer], detach=True)
-    return int(sum(v.numel() for v in acts.values()) + x.numel())
+    from ..featurevis import activation_floats_per_image
+
+    return activation_floats_per_image(model, [layer], out_size)
 
 
 def batch_size_for(model: nn.Module, layer: str, device: Union[str, torch.device, None] = None,
@@ -404,102 +397,3 @@ def make_plan(
         neurons={l: list(chs) for l, chs in chosen.items()}, upstream=ups, settings=settings,
         dataset=dataset_name, batch_sizes=batch_sizes, tasks=tasks,
     )
-
-
-# ----------------------------------------------------------------------------- dry run
-
-
-@dataclass
-class PlanEstimate:
-    """What ``--dry-run`` prints.
-
-    Attributes:
-        tasks: number of tasks per kind; ``pending``: still to do per kind.
-        renders_pending: images still to render.
-        seconds_per_step: calibrated seconds of one optimisation step of one full task batch, per layer.
-        render_seconds: estimated device time of the pending render tasks (one device).
-        calibration_seconds: wall time the calibration took.
-    """
-
-    tasks: dict[str, int]
-    pending: dict[str, int]
-    renders_pending: int
-    seconds_per_step: dict[str, float]
-    render_seconds: float
-    calibration_seconds: float
-
-    def __str__(self) -> str:
-        lines = ["tasks: " + ", ".join(f"{k} {v} ({self.pending.get(k, 0)} to do)" for k, v in self.tasks.items())]
-        lines.append(f"images to render: {self.renders_pending}")
-        for l, s in self.seconds_per_step.items():
-            lines.append(f"  {l}: {s * 1e3:.1f} ms per step per batch")
-        lines.append(
-            f"estimated render device time: {_hms(self.render_seconds)} on one device "
-            f"(divide by the number of GPUs/workers; calibration took {self.calibration_seconds:.1f} s; "
-            "weights/NMF tables and dataset examples are not included: seconds per layer)"
-        )
-        return "\n".join(lines)
-
-
-def _hms(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def estimate(
-    plan: AtlasPlan,
-    model: nn.Module,
-    store: Union[None, ResultStore, str, PathLike] = None,
-    calibration_steps: int = 3,
-    max_calibration_batch: Optional[int] = 16,
-    progress: bool = False,
-) -> PlanEstimate:
-    """Time a short calibration render per layer and extrapolate the pending render tasks.
-
-    For each layer with pending renders, a batch of that layer's targets is rendered without
-    the cache for 1 step (warm-up, not timed) and then for ``calibration_steps`` steps; one
-    step costs ``t / (calibration_steps + 1)`` (the final evaluation and set-up count as about
-    one more step), and a task of ``steps`` steps ``(steps + 1)`` of those. On the CPU the
-    calibration batch is capped at ``max_calibration_batch`` and scaled linearly to the task's
-    batch (CPU time is close to linear in the batch); on a GPU the full task batch is timed.
-    """
-    from ..featurevis import render
-
-    if not isinstance(calibration_steps, int) or calibration_steps < 1:
-        raise ValueError(f"calibration_steps must be a positive integer, got {calibration_steps!r}")
-    pending = plan.pending(store) if store is not None else list(plan.tasks)
-    pend_ids = {t.id for t in pending}
-    tasks = {k: len(plan.tasks_of(k)) for k in TASK_KINDS if plan.tasks_of(k)}
-    pend = {k: sum(1 for t in plan.tasks_of(k) if t.id in pend_ids) for k in tasks}
-    pend_render = [t for t in pending if t.kind == "render"]
-    opts = {k: v for k, v in plan.render.items() if k not in ("steps",)}
-    per_step: dict[str, float] = {}
-    total = 0.0
-    t_start = time.perf_counter()
-    is_cuda = torch.device(plan.device).type == "cuda"
-    if is_cuda and not torch.cuda.is_available():
-        raise ValueError(f"the plan renders on {plan.device}, which this machine does not have: the calibration "
-                         "must run on the device it times (run the dry run on a GPU machine)")
-    model = model.to(plan.device).eval()
-    layers = list(dict.fromkeys(t.layer for t in pend_render))
-    for layer in tqdm(layers, desc="calibrating", unit="layer", disable=not progress):
-        first = next(t for t in pend_render if t.layer == layer)
-        full = plan.batch_sizes[layer]
-        nb = full if (is_cuda or max_calibration_batch is None) else min(full, max_calibration_batch)
-        targets = (first.targets * math.ceil(nb / len(first.targets)))[:nb]
-        seconds = 0.0
-        for s in (1, calibration_steps):
-            if is_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            render(model, targets, steps=s, cache=None, batch_size=nb, progress=False, **opts)
-            if is_cuda:
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-        step = seconds / (calibration_steps + 1) * (full / nb)
-        per_step[layer] = step
-        for t in pend_render:
-            if t.layer == layer:
-                total += step * (int(plan.render.get("steps", 512)) + 1) * (t.size / full)
-    return PlanEstimate(tasks, pend, sum(t.size for t in pend_render), per_step, total,
-                        time.perf_counter() - t_start)

@@ -1,8 +1,9 @@
 """The Ray engine (``--engine ray``; install with ``pip install circuits[ray]``).
 
 The plan's pending tasks become Ray tasks — one batched render (or one layer's tables /
-dataset examples) each — that ask for one GPU, or one CPU slot when the plan's device is the
-CPU. The model and the plan go to the object store once. Ray schedules, retries a task whose
+dataset examples) each — that ask for one GPU when the plan's device is one, and one CPU slot
+(``threads`` slots with ``threads=N``; a task runs as many torch threads as it holds slots).
+The model and the plan go to the object store once. Ray schedules, retries a task whose
 worker died or that raised (``max_retries``, ``retry_exceptions=True``) and a task is
 idempotent (it renders only what is missing), so a retry never redoes finished images.
 Every result is written by the worker to the shared store (a folder every worker sees, or
@@ -22,9 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._testing import active_spec
-from .local import AtlasTaskError, RunReport
+from .local import RunReport, task_error
 from .plan import AtlasPlan, AtlasTask
 from .store import ResultStore
+from .tasks import check_threads
 
 __all__ = ["run_ray", "require_ray"]
 
@@ -39,13 +41,14 @@ def require_ray() -> Any:
 
 
 def _ray_task(model: nn.Module, plan_dict: dict, task_dict: dict, location: str, storage_options: dict,
-              injected: Optional[str]) -> dict:
+              injected: Optional[str], threads: int) -> dict:
     """Body of one Ray task (runs on a worker; arguments that were object refs arrive resolved)."""
     import torch
 
     from ._testing import maybe_fail
     from .tasks import run_task
 
+    torch.set_num_threads(threads)  # each task as many as the CPU slots it holds (a library may have changed it)
     maybe_fail(str(task_dict["id"]), injected)
     plan = AtlasPlan.from_dict(plan_dict)
     if torch.device(plan.device).type == "cuda":
@@ -65,6 +68,7 @@ def run_ray(
     max_retries: int = 3,
     progress: bool = True,
     init_kwargs: Optional[dict] = None,
+    threads: Optional[int] = None,
 ) -> RunReport:
     """Run the plan's pending tasks as Ray tasks; returns when all are done.
 
@@ -76,13 +80,16 @@ def run_ray(
         num_cpus: CPU slots of a local cluster started here (default: all cores).
         max_retries: retries per task, after a worker died or the task raised.
         init_kwargs: more ``ray.init`` arguments (``runtime_env``, ...).
+        threads: torch threads per task; each task reserves that many CPU slots (default: one
+            slot and one thread, Ray's default for a task).
     """
     ray = require_ray()
     if not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+    threads = check_threads(threads) or 1
     t0 = time.perf_counter()
     pending = plan.pending(store)
-    report = RunReport("ray", len(plan.tasks), len(plan.tasks) - len(pending))
+    report = RunReport("ray", len(plan.tasks), len(plan.tasks) - len(pending), threads=threads)
     if not pending:
         report.completed = True
         report.seconds = time.perf_counter() - t0
@@ -103,8 +110,12 @@ def run_ray(
         import torch
 
         gpu = torch.device(plan.device).type == "cuda"
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if threads > cpus:
+            raise ValueError(f"threads={threads} CPU slots per task, but the Ray cluster has {cpus:g}: no task could "
+                             "start; use fewer threads or a bigger cluster (num_cpus)")
         remote = ray.remote(_ray_task).options(
-            num_gpus=1 if gpu else 0, num_cpus=1, max_retries=max_retries, retry_exceptions=True,
+            num_gpus=1 if gpu else 0, num_cpus=threads, max_retries=max_retries, retry_exceptions=True,
             name="circuits-atlas-task",
         )
         cpu_model = copy.deepcopy(model).to("cpu") if any(p.device.type != "cpu" for p in model.parameters()) else model
@@ -112,7 +123,7 @@ def run_ray(
         injected = active_spec()
         plan_ref = ray.put(plan.to_dict())
         refs = {
-            remote.remote(model_ref, plan_ref, t.to_dict(), store.location, store.storage_options, injected): t
+            remote.remote(model_ref, plan_ref, t.to_dict(), store.location, store.storage_options, injected, threads): t
             for t in pending
         }
         bar = tqdm(total=len(refs), desc="atlas (ray)", unit="task", disable=not progress)
@@ -127,10 +138,8 @@ def run_ray(
                     except Exception as exc:  # RayTaskError after the retries, or a lost worker
                         for r in waiting:
                             ray.cancel(r)
-                        raise AtlasTaskError(task.id, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}") from exc
-                    report.results.append(result)
-                    report.tasks_run += 1
-                    report.rendered += int(result["rendered"])
+                        raise task_error(store, task.id, exc, str(exc).strip().splitlines()[-1]) from exc
+                    report.add(result)
                     bar.set_postfix_str(f"{report.rendered} rendered", refresh=False)
                     bar.update(1)
         finally:

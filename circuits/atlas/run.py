@@ -10,26 +10,36 @@ Layout of ``out_dir``::
 Run it again after an interruption and it continues: finished tasks are skipped (their files
 are in the store), a render task renders only its missing images, and the pages are rebuilt
 only when ``atlas.json`` is missing or belongs to another plan.
+
+One run at a time: a run holds the lock of ``out_dir`` and of a local store
+(:class:`~circuits.atlas.lock.FolderLock`); a second run refuses with the holder's pid, host
+and time, or waits (``wait``). Once it holds them, a run removes the temporary files that an
+interrupted run left there (:func:`~circuits.atlas.lock.clean_leftovers`) and takes over the
+lock of a run that was killed; ``AtlasResult.notes`` says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
 from .._io import PathLike, atomic_write_text, check_writable
-from ..datasets import DATASET_TITLES, load_dataset
-from ..figures.pages import PageData, neuron_index, write_pages
+from .estimate import PlanEstimate, estimate
 from .local import RunReport, run_local
-from .plan import AtlasPlan, PlanEstimate, cache_requests, estimate, make_plan
-from .store import ResultStore
-from .tasks import read_examples, read_tables
+from .lock import TMP_GRACE_SECONDS, AtlasLockedError, FolderLock, clean_leftovers
+from .pages import build_atlas_pages
+from .plan import AtlasPlan, make_plan
+from .store import ResultStore, is_write_refusal
+from .tasks import check_threads, torch_threads
 
-__all__ = ["build_atlas", "AtlasResult", "build_atlas_pages", "ENGINES"]
+__all__ = ["build_atlas", "AtlasResult", "ENGINES"]
 
 ENGINES = ("local", "ray")
 
@@ -45,6 +55,8 @@ class AtlasResult:
         index: ``pages/index.html`` when the pages exist.
         pages_rendered: images the page builder had to render (0: the plan covered them all).
         pages_built: whether this call (re)built the pages.
+        notes: what a person should know about the run (a stale lock taken over, leftovers removed).
+        seconds: wall time of the call; ``plan_seconds``: of making the plan.
     """
 
     plan: AtlasPlan
@@ -55,68 +67,46 @@ class AtlasResult:
     index: Optional[Path] = None
     pages_rendered: int = 0
     pages_built: bool = False
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    plan_seconds: float = 0.0
 
     @property
     def completed(self) -> bool:
         return self.report is not None and self.report.completed and self.index is not None
 
 
-def _local_cache(plan: AtlasPlan, store: ResultStore, out: Path, progress: bool) -> Path:
-    """A local folder with every rendered image: the store itself, or a mirror of a URL store."""
-    if store.local_root is not None:
-        return store.local_root
-    from tqdm.auto import tqdm
+@contextlib.contextmanager
+def _locked(out: Path, store: ResultStore, wait: Union[bool, float], on_wait: Optional[Callable[[str], None]]
+            ) -> Iterator[list[FolderLock]]:
+    """Hold the locks of ``out`` and of a local store (``wait`` is the budget for both).
 
-    mirror = out / "cache-mirror"
-    rels = [o for t in plan.tasks_of("render") for o in t.outputs]
-    for rel in tqdm(rels, desc="fetching images", disable=not progress, leave=False):
-        if not (mirror / rel).is_file():
-            store.download(rel, mirror / rel)
-    return mirror
+    A store that refuses writes gets no lock (no run can change it); running tasks into it
+    fails with what to do (:meth:`ResultStore.check_writable`)."""
+    t0 = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        locks = [stack.enter_context(FolderLock(out, wait=wait, on_wait=on_wait))]
+        if store.local_root is not None and store.local_root != out.resolve():
+            budget = wait if isinstance(wait, bool) else max(0.0, float(wait) - (time.monotonic() - t0))
+            try:
+                locks.append(stack.enter_context(FolderLock(store.local_root, wait=budget, on_wait=on_wait)))
+            except OSError as exc:
+                if isinstance(exc, AtlasLockedError) or not is_write_refusal(exc):
+                    raise
+        yield locks
 
 
-def build_atlas_pages(plan: AtlasPlan, model: nn.Module, store: ResultStore, out_dir: PathLike,
-                      progress: bool = True, title: Optional[str] = None) -> tuple[Path, int]:
-    """Build the neuron pages of a finished plan into ``out_dir/pages``.
-
-    The weights/NMF sections come from the ``tables`` tasks, the feature visualizations from
-    the store and the dataset examples from the ``examples`` tasks. Neurons the plan did not
-    render or scan (inputs shown on the pages when the plan was made with
-    ``upstream_renders="none"``) are rendered and scanned here. Returns ``(index.html, images
-    rendered while building)``.
-    """
-    from ..featurevis import FeatureVisCache, dataset_examples, render, variable_names
-
-    out = Path(out_dir)
-    device = plan.device
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():  # a driver without the cluster's GPUs: forward passes only
-            device = "cpu"
-    model = model.to(device).eval()
-    cache = FeatureVisCache(_local_cache(plan, store, out, progress))
-    sections = {(layer, c): secs for layer in plan.layers for c, secs in read_tables(store, plan, layer).items()}
-    known, _ = neuron_index(plan.neurons, sections)
-    targets = [f"{layer}:{c}" for layer, chs in known.items() for c in sorted(chs)]
-    requests = cache_requests(model, targets, plan.render, plan.device.split(":")[0])
-    unplanned = [t for t, r in zip(targets, requests) if r not in cache]
-    if unplanned:
-        render(model, unplanned, cache=cache, progress=progress, **plan.render)
-    images = variable_names(model, targets, cache=cache, progress=False, **plan.render)
-    data, examples, name = None, {}, ""
-    if plan.dataset:
-        data, name = load_dataset(plan.dataset, plan.dataset_size), DATASET_TITLES.get(plan.dataset, plan.dataset)
-        for layer in plan.layers:
-            examples.update(read_examples(store, plan, layer))
-        rest = [t for t in targets if t not in examples]
-        if rest:
-            found = dataset_examples(model, rest, data, k=plan.n_examples, progress=progress)
-            examples.update({t: (ex.indices.cpu().numpy(), ex.values.cpu().numpy()) for t, ex in found.items()})
-    settings = plan.settings.replace(title=title or plan.settings.title or f"{plan.model_class} atlas")
-    page = PageData.build(model, plan.neurons, plan.upstream, sections, settings, images=images,
-                          examples=examples, example_images=data, dataset_name=name)
-    return write_pages(page, out / "pages", progress=progress), len(unplanned)
+def _clean(out: Path, store: ResultStore) -> list[str]:
+    """Remove what interrupted runs left in the folders this run holds; a note when there was any."""
+    held = [out] + ([store.local_root] if store.local_root is not None else [])
+    removed = clean_leftovers(out, held=held)
+    if store.local_root is not None and not store.local_root.is_relative_to(out.resolve()):
+        # a store outside out_dir may be a featurevis cache other programs write to: spare young files
+        removed += clean_leftovers(store.local_root, min_age=TMP_GRACE_SECONDS, held=held)
+    if not removed:
+        return []
+    shown = ", ".join(str(p) for p in removed[:3]) + (", ..." if len(removed) > 3 else "")
+    return [f"removed {len(removed)} unfinished temporary file(s) that an interrupted run left behind ({shown})"]
 
 
 def build_atlas(
@@ -131,6 +121,8 @@ def build_atlas(
     pages: bool = True,
     progress: bool = True,
     max_tasks: Optional[int] = None,
+    threads: Optional[int] = None,
+    wait: Union[bool, float] = False,
     address: Optional[str] = None,
     num_cpus: Optional[int] = None,
     max_retries: int = 3,
@@ -149,52 +141,78 @@ def build_atlas(
         cache: the result store: a folder or an fsspec URL (default ``out_dir/cache``). With
             Ray on several machines it must be shared (network folder, ``s3://``...).
         storage_options: fsspec options for a URL store.
-        dry_run: plan and calibrate only (``result.estimate``); nothing is rendered.
+        dry_run: plan and estimate only (``result.estimate``: a short real run of each kind
+            of task, in a temporary folder); nothing is rendered into the store.
         pages: build the neuron pages once every task is done.
         progress: progress bars.
         max_tasks: local engine: stop after this many tasks (resume later).
+        threads: torch CPU threads: of this process for planning, the local engine, the dry
+            run and the pages (restored afterwards), of each task on Ray (which reserves that
+            many CPU slots). Default: the number in force here; one per task on Ray.
+        wait: when another run holds ``out_dir`` or the store: ``False`` raise
+            :class:`~circuits.atlas.lock.AtlasLockedError` at once, ``True`` wait for it, a
+            number wait at most that many seconds.
         address, num_cpus, max_retries, ray_init_kwargs: Ray engine settings (:func:`run_ray`).
         calibration_steps: steps of the dry run's timed calibration render per layer.
         **plan_kwargs: :func:`make_plan` arguments (``settings``, ``neurons``, ``upstream``,
             ``batch_size``, ``device``...) and settings overrides (``steps``, ``seed``, ``top_k``,
             ``dataset``, ``render``...).
     """
+    t_start = time.perf_counter()
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "ray" and max_tasks is not None:
         raise ValueError("max_tasks is a local-engine option (Ray runs every pending task)")
+    check_threads(threads)
     out = check_writable(out_dir)
-    plan = make_plan(model, layers, **plan_kwargs)
     store = ResultStore(cache if cache is not None else out / "cache", storage_options)
-    plan.save(out / "plan.json")
-    result = AtlasResult(plan, store, out)
-    if dry_run:
-        result.estimate = estimate(plan, model, store, calibration_steps=calibration_steps, progress=progress)
-        return result
+    on_wait = (lambda message: print(message, file=sys.stderr, flush=True)) if progress else None
+    with _locked(out, store, wait, on_wait) as locks, torch_threads(threads):
+        notes = [n for lock in locks for n in lock.notes] + _clean(out, store)
+        t0 = time.perf_counter()
+        plan = make_plan(model, layers, **plan_kwargs)
+        plan_seconds = time.perf_counter() - t0
+        plan.save(out / "plan.json")
+        result = AtlasResult(plan, store, out, notes=notes, plan_seconds=plan_seconds)
+        marker = out / "atlas.json"
+        index = out / "pages" / "index.html"
+        fp = plan.fingerprint()
+        try:
+            pages_done = json.loads(marker.read_text()).get("plan") == fp and index.is_file()
+        except (OSError, ValueError):
+            pages_done = False
+        if dry_run:
+            result.estimate = estimate(plan, model, store, calibration_steps=calibration_steps, progress=progress,
+                                       pages=pages and not pages_done, threads=threads, plan_seconds=plan_seconds)
+        else:
+            _run(result, model, engine, pages, pages_done, progress, max_tasks, threads, address, num_cpus,
+                 max_retries, ray_init_kwargs)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _run(result: AtlasResult, model: nn.Module, engine: str, pages: bool, pages_done: bool, progress: bool,
+         max_tasks: Optional[int], threads: Optional[int], address: Optional[str], num_cpus: Optional[int],
+         max_retries: int, ray_init_kwargs: Optional[dict]) -> None:
+    plan, store, out = result.plan, result.store, result.out_dir
+    if plan.pending(store):
+        store.check_writable()  # a read-only store fails here, with what to do, before any work
     if engine == "local":
-        report = run_local(plan, model, store, progress=progress, max_tasks=max_tasks)
+        report = run_local(plan, model, store, progress=progress, max_tasks=max_tasks, threads=threads)
     else:
         from .ray_engine import run_ray
 
         report = run_ray(plan, model, store, address=address, num_cpus=num_cpus, max_retries=max_retries,
-                         progress=progress, init_kwargs=ray_init_kwargs)
+                         progress=progress, init_kwargs=ray_init_kwargs, threads=threads)
     result.report = report
     if not report.completed or not pages:
-        return result
-
-    marker = out / "atlas.json"
+        return
     index = out / "pages" / "index.html"
-    fp = plan.fingerprint()
-    try:
-        done = json.loads(marker.read_text()).get("plan") == fp and index.is_file()
-    except (OSError, ValueError):
-        done = False
-    if not done:
+    if not pages_done:
         index, rendered = build_atlas_pages(plan, model, store, out, progress=progress)
         result.pages_rendered, result.pages_built = rendered, True
-        atomic_write_text(marker, json.dumps({
-            "plan": fp, "model": plan.model_hash, "store": store.location, "neurons": plan.n_neurons,
+        atomic_write_text(out / "atlas.json", json.dumps({
+            "plan": plan.fingerprint(), "model": plan.model_hash, "store": store.location, "neurons": plan.n_neurons,
             "images": len(plan.render_targets), "pages_rendered": rendered, "index": "pages/index.html",
         }, indent=1))
     result.index = index
-    return result

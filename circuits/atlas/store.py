@@ -15,15 +15,32 @@ same store; the driver reads from it.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
 from typing import Optional, Union
 from urllib.parse import urlparse
 
-from .._io import PathLike, atomic_write_bytes
+from .._io import PathLike, atomic_write_bytes, check_writable
 
-__all__ = ["ResultStore", "is_url"]
+__all__ = ["ResultStore", "is_url", "StoreNotWritableError", "is_write_refusal"]
+
+#: What to do about a store that cannot be written.
+STORE_HINT = "choose another store with --cache (cache= in Python) or make this one writable (permissions, mount, space)"
+
+#: errno values that mean "this location refuses writes" (not a passing failure: a rerun fails the same way).
+_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+class StoreNotWritableError(PermissionError):
+    """The result store refuses writes (read-only, permissions, full): running again will not help
+    until the store is changed. Exit status 2 on the command line."""
+
+
+def is_write_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` says a location refuses writes (permission, read-only file system, no space)."""
+    return isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno in _REFUSALS)
 
 
 def is_url(location: Union[str, PathLike]) -> bool:
@@ -76,6 +93,32 @@ class ResultStore:
     def is_local(self) -> bool:
         """Whether the store is a plain local folder (``local_root`` is set)."""
         return self.local_root is not None
+
+    def check_writable(self) -> None:
+        """Prove a file can be written to the store (and removed), before any work starts.
+
+        Raises :class:`StoreNotWritableError` naming the store, the reason and what to do.
+        """
+        what = "the atlas result store"
+        if self.fs is None:
+            try:
+                check_writable(self.local_root, what=what, hint=STORE_HINT)  # type: ignore[arg-type]
+            except PermissionError as exc:
+                raise StoreNotWritableError(str(exc)) from None
+            return
+        probe = f"{self._root}/.write-test-{uuid.uuid4().hex[:8]}"
+        try:
+            try:
+                self.fs.makedirs(self._root, exist_ok=True)
+            except (OSError, NotImplementedError):  # object stores have no folders
+                pass
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"")
+            self.fs.rm(probe)
+        except (OSError, NotImplementedError) as exc:
+            reason = "permission denied" if isinstance(exc, PermissionError) else (
+                getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}".strip().splitlines()[0])
+            raise StoreNotWritableError(f"cannot write to {what} {self.location}: {reason}; {STORE_HINT}") from None
 
     def _full(self, rel: str) -> str:
         rel = rel.lstrip("/")

@@ -7,13 +7,14 @@ in the store yet), so a retried or restarted task never redoes finished work.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -23,7 +24,27 @@ from ..datasets import load_dataset
 from .plan import AtlasPlan, AtlasTask
 from .store import ResultStore
 
-__all__ = ["run_task", "read_tables", "read_examples"]
+__all__ = ["run_task", "read_tables", "read_examples", "torch_threads", "check_threads"]
+
+
+def check_threads(threads: Optional[int]) -> Optional[int]:
+    """``threads`` if it is ``None`` or a positive integer, else ``ValueError``."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    return threads
+
+
+@contextlib.contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """Inside the block torch uses ``threads`` CPU threads (``None``: unchanged); the number in
+    force before is restored after."""
+    before = torch.get_num_threads()
+    if check_threads(threads) is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _npz_bytes(**arrays: Any) -> bytes:
@@ -154,8 +175,10 @@ def read_examples(store: ResultStore, plan: AtlasPlan, layer: str) -> dict[str, 
 def run_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: ResultStore) -> dict[str, Any]:
     """Do ``task`` with ``model`` (already on its device) and write its results to ``store``.
 
-    Returns ``{"id", "kind", "rendered" (images optimised, 0 for other kinds), "seconds", "pid"}``.
+    Returns ``{"id", "kind", "rendered" (images optimised, 0 for other kinds), "seconds", "pid",
+    "threads" (torch threads when the task started)}``.
     """
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
     rendered = 0
     if task.kind == "render":
@@ -167,9 +190,5 @@ def run_task(model: nn.Module, plan: AtlasPlan, task: AtlasTask, store: ResultSt
     else:
         raise ValueError(f"unknown task kind {task.kind!r}")
     return {"id": task.id, "kind": task.kind, "rendered": rendered, "seconds": time.perf_counter() - t0,
-            "pid": os.getpid()}
+            "pid": os.getpid(), "threads": threads}
 
-
-def model_on(model: nn.Module, device: str) -> nn.Module:
-    """``model`` in eval mode on ``device`` (moved in place)."""
-    return model.to(torch.device(device)).eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from .._io import atomic_path, check_writable
 from ..layers import parse_target
-from ..models import input_shape, resolve_model
+from ..models import check_device, input_shape, resolve_model
 from .parser import UsageError, parse_channels
 
 __all__ = ["HANDLERS", "load_model"]
@@ -26,28 +27,23 @@ __all__ = ["HANDLERS", "load_model"]
 # ----------------------------------------------------------------------------- shared
 
 
-def _check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: this machine has no CUDA device; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device}: this machine has no MPS device; use --device cpu")
-
-
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model of ``--model/--weights/--sha256/--device`` (:func:`circuits.models.resolve_model`),
     with torch's thread count set from ``--threads``."""
-    _check_device(args.device)
+    check_device(args.device)
     model = resolve_model(args.model, args.weights, args.sha256, args.device)
-    threads = getattr(args, "threads", None)
-    if threads is None and torch.device(args.device).type == "cpu" and max(input_shape(model)[1:]) <= 64:
-        threads = 1
+    threads = _threads(args, model)
     if threads is not None:
         torch.set_num_threads(threads)
     return model
+
+
+def _threads(args: argparse.Namespace, model: nn.Module) -> Any:
+    """``--threads``, else 1 for small models on the CPU (tiny convolutions gain nothing from threads), else None."""
+    threads = getattr(args, "threads", None)
+    if threads is None and torch.device(args.device).type == "cpu" and max(input_shape(model)[1:]) <= 64:
+        threads = 1
+    return threads
 
 
 def _layers_only(values: Any, what: str) -> None:
@@ -74,7 +70,9 @@ def _split_targets(spec: str) -> list[str]:
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    return not getattr(args, "quiet", False)
+    """Progress bars unless ``--quiet``, and only where a person watches (stderr is a terminal),
+    so that logs and captured errors stay one line each."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
 
 def _render(args: argparse.Namespace) -> dict[str, Any]:
@@ -254,7 +252,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     source = args.source or args.model
     if args.source and args.model != "fashion-inception":
         raise UsageError("give the model or checkpoint once: as SOURCE or with --model")
-    _check_device(args.device)
+    check_device(args.device)
     path = Path(source).expanduser()
     is_file = path.exists() or path.suffix.lower() in WEIGHT_SUFFIXES or "/" in source
     if is_file and args.weights is None:
@@ -276,20 +274,24 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
     if args.engine == "ray" and args.max_tasks is not None:
         raise UsageError("--max-tasks is for the local engine")
-    _layers_only(args.layers, "--layers")
     if args.engine == "local":
-        _check_device(args.device)
+        check_device(args.device)
     model = resolve_model(args.model, args.weights, args.sha256, "cpu")
+    # the local engine runs here: the small-model default applies; on Ray a task runs one thread unless --threads
+    threads = _threads(args, model) if args.engine == "local" else args.threads
     render = {"size": args.size} if args.size else {}
     result = build_atlas(
         model, args.layers, args.out, engine=args.engine, cache=args.store, dry_run=args.dry_run,
-        pages=not args.no_pages, progress=_progress(args), max_tasks=args.max_tasks, address=args.address,
+        pages=not args.no_pages, progress=_progress(args), max_tasks=args.max_tasks, threads=threads,
+        wait=args.wait, address=args.address,
         num_cpus=args.num_cpus, max_retries=args.max_retries, neurons=args.per_layer, steps=args.steps,
         seed=args.seed, batch_size=args.batch_size, device=args.device, top_k=args.top_k,
         upstream_renders="none" if args.no_upstream_renders else "all",
         dataset=None if args.no_dataset else "auto", dataset_size=args.dataset_size, n_examples=args.examples,
         **render,
     )
+    for note in result.notes:
+        print(f"note: {note}")
     print(result.plan.summary(result.store))
     if result.estimate is not None:
         print(result.estimate)
@@ -304,7 +306,25 @@ def cmd_atlas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from ..inspect.diff import diff_report
+
+    from ..models import WEIGHT_SUFFIXES
+
+    def side(spec: str) -> Any:
+        path = Path(spec).expanduser()
+        if path.exists() or path.suffix.lower() in WEIGHT_SUFFIXES or "/" in spec:
+            return path  # a checkpoint, streamed
+        return resolve_model(spec)  # a model name
+
+    if args.out is not None:
+        check_writable(args.out)
+    diff_report(side(args.a), side(args.b), out_dir=args.out, format=args.format, top_k=args.top, progress=_progress(args))
+    return 0
+
+
 HANDLERS = {
+    "diff": cmd_diff,
     "layers": cmd_layers,
     "render": cmd_render,
     "figure": cmd_figure,

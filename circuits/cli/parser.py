@@ -43,6 +43,17 @@ def non_negative_int(text: str) -> int:
     return _int(text, 0, "an integer >= 0")
 
 
+def seconds(text: str) -> float:
+    """``type=`` for a finite number of seconds ``>= 0``."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0.0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+    return v
+
+
 def fraction(text: str) -> float:
     """``type=`` for a number in ``[0, 1]``."""
     try:
@@ -90,6 +101,7 @@ COMMANDS: dict[str, str] = {
     "layers": "list layers with output shapes and parameter counts",
     "inspect": "per-layer weight statistics and plots of a model or a checkpoint (no model code needed)",
     "atlas": "every neuron's page for whole layers: plan, render (locally or on Ray), build pages; resumable",
+    "diff": "per-tensor change between two checkpoints (or models): relative change, cosine, changed units, NaN-aware",
     "run": "run a YAML config (command: plus arguments), e.g. configs/explore_fashion.yaml",
 }
 FIGURE_TYPES = ("small-multiples", "factors", "family", "spatial", "nmf", "heatmap")
@@ -221,8 +233,12 @@ def _atlas(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cache", dest="store", default=None,
                    help="result store: a folder or an fsspec URL shared by all workers (default: OUT/cache)")
     g.add_argument("--engine", choices=("local", "ray"), default="local", help="local (one process) or ray (default: %(default)s)")
-    g.add_argument("--dry-run", action="store_true", help="print the plan and the estimated device time; render nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan and its estimated run time (from a short real run of each part); render nothing")
     g.add_argument("--max-tasks", type=non_negative_int, default=None, help="local engine: stop after this many tasks")
+    g.add_argument("--wait", type=seconds, nargs="?", const=True, default=False, metavar="SECONDS",
+                   help="when another run is using --out or --cache: wait for it (at most SECONDS if given) "
+                        "instead of stopping with exit status 2")
     g.add_argument("--address", default=None, help="ray: an existing cluster (auto, ray://host:10001); default: start a local one")
     g.add_argument("--num-cpus", type=positive_int, default=None, help="ray: CPU slots of a local cluster started here")
     g.add_argument("--max-retries", type=non_negative_int, default=3, help="ray: retries of a failed task (default: %(default)s)")
@@ -231,6 +247,18 @@ def _atlas(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--size", type=positive_int, default=None, help="image side (default: the model's, at most 128)")
     g.add_argument("--seed", type=int, default=0, help="base seed; each neuron's render is seeded from it (default: %(default)s)")
     model_options(p, "output folder: plan.json, pages/, atlas.json (default: ./circuits-atlas)", "circuits-atlas")
+
+
+def _diff(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diff", help=COMMANDS["diff"], description=COMMANDS["diff"])
+    p.add_argument("a", help="the first checkpoint (file or sharded folder) or model name")
+    p.add_argument("b", help="the second one")
+    p.add_argument("--format", default="table", choices=INSPECT_FORMATS[:1] + ("json", "html"),
+                   help="what to print (html writes OUT/diff.html) (default: %(default)s)")
+    p.add_argument("--top", type=positive_int, default=5, help="changed units listed per tensor (default: %(default)s)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="folder for diff.txt, diff.json and diff.html")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _run(sub: argparse._SubParsersAction) -> None:
@@ -256,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"circuits {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_explore, _figure, _render, _nmf, _expand, _layers, _inspect, _atlas, _run):
+    for add in (_explore, _figure, _render, _nmf, _expand, _layers, _inspect, _diff, _atlas, _run):
         add(sub)
     return parser
 

@@ -23,9 +23,11 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["ImageParam", "PARAMS", "COLOR_CORRELATION_SQRT", "fft_scale"]
+__all__ = ["ImageParam", "PARAMS", "INIT_SD", "COLOR_CORRELATION_SQRT", "fft_scale", "describe"]
 
 PARAMS = ("fft", "pixel")
+#: Standard deviation of the random initial values (Lucid's).
+INIT_SD = 0.01
 
 #: Square root of ImageNet's colour correlation matrix (Lucid's ``color_correlation_svd_sqrt``).
 COLOR_CORRELATION_SQRT = torch.tensor(
@@ -71,7 +73,7 @@ class ImageParam:
         size: tuple[int, int],
         kind: str = "fft",
         decorrelate: bool = True,
-        sd: float = 0.01,
+        sd: float = INIT_SD,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
@@ -115,7 +117,7 @@ class ImageParam:
         return self.tensor.detach().clone()
 
 
-def describe(kind: str, decorrelate: bool) -> dict:
-    """The parameterization part of a cache key."""
-    return {"kind": kind, "decorrelate": bool(decorrelate), "sd": 0.01, "fft_div": 4.0}
+def describe(kind: str, decorrelate: bool, sd: float = INIT_SD) -> dict:
+    """The parameterization part of a cache request."""
+    return {"kind": kind, "decorrelate": bool(decorrelate), "sd": float(sd), "fft_div": 4.0 if kind == "fft" else None}
 

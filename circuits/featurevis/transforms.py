@@ -20,8 +20,9 @@ Randomness: all per-step draws for all steps are made up front from each image's
 ``torch.Generator`` (:meth:`Transforms.sample`), so a batch element's transforms depend only
 on its own seed.
 
-Small images: :func:`default_transforms` scales pad and jitter with the image size (the
-Lucid values at 128 px and above, e.g. pad 3 / jitter 2 / jitter 1 at 28 px).
+Small images: :func:`default_transforms` keeps Lucid's values at 128 px and above; below, it
+shifts the image by whole pixels at its own scale (and drops scale and rotation below
+:data:`SMALL_IMAGE` px): at 28 px, shifts of -1, 0, +1 px.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Transforms", "default_transforms", "LUCID_SCALES", "LUCID_ANGLES"]
+__all__ = ["Transforms", "default_transforms", "LUCID_SCALES", "LUCID_ANGLES", "SMALL_IMAGE"]
 
 LUCID_SCALES: tuple[float, ...] = tuple(1 + (i - 5) / 50.0 for i in range(11))
 LUCID_ANGLES: tuple[float, ...] = tuple(float(a) for a in range(-10, 11)) + (0.0,) * 5
@@ -129,14 +130,34 @@ class Transforms:
         return torch.stack([row0, row1], dim=-2)
 
 
+#: Below this side (px) :func:`default_transforms` uses no random scale or rotation.
+SMALL_IMAGE = 64
+
+
 def default_transforms(size: int | Sequence[int]) -> Transforms:
-    """Lucid's transforms at 128 px and above; pad and jitter scaled down for smaller images
-    (factor ``size / 128``; 28 px → pad 3, jitter 2, jitter2 1). Scale and rotation are kept."""
+    """The transforms that :func:`~circuits.featurevis.render` uses by default for an image of ``size``.
+
+    * 128 px and above: Lucid's (:class:`Transforms` ``()``; pad 12, jitter 8, scale 0.9-1.1,
+      rotation +-10 degrees, jitter 4).
+    * Below 128 px: whole-pixel shifts of up to ``p = max(1, round(side / 32))`` px in each
+      direction (pad ``p``, jitter ``2p + 1``; none below 7 px: the model sees the image at its own scale, and
+      every shift is an exact pixel move, no resampling blur); from :data:`SMALL_IMAGE` px on,
+      Lucid's random scales and rotations as well. At 28 px: shifts of -1, 0, +1 px only.
+
+    Lucid's padding shrinks an image by ``2 pad - jitter + 1`` px on the way to the model and
+    its rotations and scalings resample it; at 224 px that is robustness, at 28 px it is a
+    different, blurred image: with Lucid's transforms scaled down to 28 px, renders of the
+    bundled Fashion-MNIST model stopped below the best test image for up to 9 of 26 targets.
+    """
     side = min(size) if not isinstance(size, int) else size
-    f = min(1.0, side / 128.0)
-    if f >= 1.0:
+    if side >= 128:
         return Transforms()
-    return Transforms(pad=max(0, round(12 * f)), jitter=max(1, round(8 * f)), jitter2=max(1, round(4 * f)))
+    p = max(1, round(side / 32))
+    if side < 3 * 2 * p + 1:  # too small to shift at all (Transforms.min_size)
+        return Transforms.none()
+    if side < SMALL_IMAGE:
+        return Transforms(pad=p, jitter=2 * p + 1, scales=(1.0,), angles=(0.0,), jitter2=1)
+    return Transforms(pad=p, jitter=2 * p + 1, jitter2=1)
 
 
 def apply(images: torch.Tensor, theta: torch.Tensor, out_size: tuple[int, int], fill: float = 0.5) -> torch.Tensor:

@@ -138,7 +138,7 @@ class PageSettings:
             fraction of the weights (else order by L2).
         n_factors: NMF factors per section.
         dataset: where dataset examples come from: ``"auto"`` (Fashion-MNIST test for
-            ``1×28×28`` models when installed), ``None`` (none) or a name from
+            ``1×28×28`` models when installed), ``None`` or ``False`` (none) or a name from
             :data:`circuits.datasets.DATASETS`.
         dataset_size: images of the data set scanned.
         n_examples: dataset examples per neuron (top and most negative each).
@@ -170,8 +170,10 @@ class PageSettings:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.factor_threshold, (int, float)) or not 0.0 <= float(self.factor_threshold) <= 1.0:
             raise ValueError(f"factor_threshold is a fraction in [0, 1], got {self.factor_threshold!r}")
+        if self.dataset is False:  # the atlas and build_pages have long spelt "no data set" False
+            object.__setattr__(self, "dataset", None)
         if self.dataset not in (None, "auto") and self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be 'auto', None or one of {', '.join(DATASETS)}; got {self.dataset!r}")
+            raise ValueError(f"dataset must be 'auto', None (or False) or one of {', '.join(DATASETS)}; got {self.dataset!r}")
         if not isinstance(self.render, Mapping):
             raise TypeError(f"render must be a mapping of render settings, got {type(self.render).__name__}")
         bad = sorted(set(self.render) - set(RENDER_KEYS))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
 from .._io import PathLike, atomic_path
@@ -59,6 +60,9 @@ class FigureResult:
     def save(self, path: PathLike, dpi: int = 150) -> Path:
         """Write the figure (format from the suffix: .png, .svg, .pdf) atomically."""
         return save_figure(self, path, dpi=dpi)
+
+    def __iter__(self):  # ``fig, data = result``, as the inspect plots have always allowed
+        return iter((self.figure, self.data))
 
 
 def save_figure(fig: Union[Figure, FigureResult], path: PathLike, dpi: int = 150) -> Path:
@@ -180,14 +184,16 @@ def rank_inputs(weights: object, top_n: Optional[int] = None) -> tuple[np.ndarra
         ``(order, norms)``: input-channel indices, largest L2 first (ties keep channel
         order), and the L2 norm of every input channel ``[in]``.
     """
+    from ..expanded import top_inputs
+
     w = _neuron_weights(weights)
-    norms = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(axis=1))
-    order = np.argsort(-norms, kind="stable")
-    if top_n is not None:
-        if top_n < 1:
-            raise ValueError(f"top_n must be >= 1, got {top_n}")
-        order = order[:top_n]
-    return order, norms
+    if top_n is not None and top_n < 1:
+        raise ValueError(f"top_n must be >= 1, got {top_n}")
+    ranked = top_inputs(torch.from_numpy(w), w.shape[0])
+    order = ranked.indices.numpy()
+    norms = np.empty(w.shape[0])
+    norms[order] = ranked.norms.numpy()
+    return (order if top_n is None else order[:top_n]), norms
 
 
 def rank_family_inputs(weights: object, top_n: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .plots import Plot
+from ..figures.smallmultiples import FigureResult
 from .stats import StatsTable, weight_stats
 
 __all__ = ["GraphNode", "ArchGraph", "trace_graph", "graph_to_dot", "plot_graph"]
@@ -216,7 +216,7 @@ def graph_to_dot(graph: ArchGraph, cmap: str = "viridis") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_graph(graph: Union[ArchGraph, nn.Module], cmap: str = "viridis", max_width: int = 8) -> Plot:
+def plot_graph(graph: Union[ArchGraph, nn.Module], cmap: str = "viridis", max_width: int = 8) -> FigureResult:
     """Draw the graph: one row per depth level, boxes coloured by ``graph.color_by``.
 
     ``data = {"positions": {name: (x, y)}, "edges": [...], "values": {name: value}}``.
@@ -263,4 +263,4 @@ def plot_graph(graph: Union[ArchGraph, nn.Module], cmap: str = "viridis", max_wi
             sm = mpl.cm.ScalarMappable(cmap=cmap, norm=mpl.colors.Normalize(min(vals), max(vals)))
             fig.colorbar(sm, ax=ax, fraction=0.02, label=f"weight {graph.color_by}")
     fig.tight_layout()
-    return Plot(fig, {"positions": pos, "edges": list(graph.edges), "values": {n.name: n.value for n in graph.nodes}})
+    return FigureResult(fig, {"positions": pos, "edges": list(graph.edges), "values": {n.name: n.value for n in graph.nodes}})

@@ -22,7 +22,13 @@ converted to central moments), so a 128 MB tensor needs only a few 16 MB tempora
 - ``near_zero``: fraction of values with ``|w| <= zero_threshold``;
 - ``dead_units``: indices of output units (rows of ``[out, -1]``: conv filters, linear rows)
   whose every weight is ``|w| <= zero_threshold``;
-- ``n_nan`` / ``n_inf``;
+- ``n_nan`` / ``n_inf`` and where they are: ``nan_units`` / ``inf_units``, the units (rows of
+  ``[out, -1]``; element indices for 1-D tensors) holding at least one NaN / Inf;
+- ``spectrum``: when the spectral norm is exact (and ``StatsConfig.spectrum``), the full
+  :class:`~circuits.inspect.spectral.SpectralStats` of the matrix (singular values, stable and
+  effective rank, power-law ``alpha`` with its fit quality, the randomly permuted comparison,
+  flags); the spectral norm is then read from that one spectrum. Matrices whose smaller side is
+  above ``spectral_exact_max`` get the power-iteration norm only;
 - ``init_std``: the default PyTorch init's std for the shape, ``1 / sqrt(3 * fan_in)``
   (``kaiming_uniform_(a=sqrt(5))``, what ``nn.Conv2d``/``nn.Linear`` use), and ``flags``.
 
@@ -42,10 +48,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from .._io import PathLike, atomic_write_text
+from ..models.checkpoint import CheckpointFormatError, flatten_state_dict
+from .spectral import SpectralStats, spectral_stats
 
 __all__ = [
     "LayerStats",
@@ -57,6 +66,7 @@ __all__ = [
     "spectral_norm",
     "default_init_std",
     "named_tensors",
+    "named_tensors_and_notes",
 ]
 
 
@@ -74,6 +84,11 @@ class StatsConfig:
         std_ratio_high / std_ratio_low: flag when ``std / init_std`` is above / below these.
         dead_fraction_flag: flag when at least this fraction of units is dead (any > 0 flags).
         near_zero_flag: flag when at least this fraction of weights is near zero.
+        spectrum: compute the spectral diagnostics (:mod:`circuits.inspect.spectral`) where the
+            spectral norm is exact.
+        esd_conv: how a conv weight becomes matrices for the spectrum: ``"flatten"``
+            (``[out, in*kh*kw]``) or ``"slices"`` (WeightWatcher's ``kh*kw`` matrices ``[out, in]``).
+        randomize: compare each spectrum with that of the randomly permuted weights (seeded).
     """
 
     zero_threshold: float = 1e-6
@@ -87,6 +102,9 @@ class StatsConfig:
     std_ratio_low: float = 0.05
     dead_fraction_flag: float = 0.0
     near_zero_flag: float = 0.5
+    spectrum: bool = True
+    esd_conv: str = "flatten"
+    randomize: bool = True
 
     def __post_init__(self) -> None:
         if self.spectral not in ("auto", "exact", "power", "none"):
@@ -95,6 +113,8 @@ class StatsConfig:
             raise ValueError(f"zero_threshold must be >= 0; got {self.zero_threshold!r}")
         if self.chunk_elems < 1 or self.power_iters < 1:
             raise ValueError("chunk_elems and power_iters must be >= 1")
+        if self.esd_conv not in ("flatten", "slices"):
+            raise ValueError(f"esd_conv must be 'flatten' or 'slices'; got {self.esd_conv!r}")
 
 
 @dataclass
@@ -119,24 +139,38 @@ class LayerStats:
     n_units: int = 0
     n_nan: int = 0
     n_inf: int = 0
+    nan_units: list[int] = field(default_factory=list)
+    inf_units: list[int] = field(default_factory=list)
     init_std: float = math.nan
     flags: list[str] = field(default_factory=list)
+    spectrum: Optional[SpectralStats] = field(default=None, repr=False)
 
     @property
     def dead_fraction(self) -> float:
         return len(self.dead_units) / self.n_units if self.n_units else 0.0
 
-    def to_record(self) -> dict[str, Any]:
-        """A flat, JSON-friendly dict (shape as a list, NaN as ``None``)."""
-        rec = asdict(self)
+    def to_record(self, singular_values: bool = False) -> dict[str, Any]:
+        """A flat, JSON-friendly dict (shape as a list, NaN as ``None``, infinities as strings).
+
+        The spectral figures are columns (``None`` when no spectrum was computed); with
+        ``singular_values`` the spectrum itself is added as a list (descending).
+        """
+        rec = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "spectrum"}
         rec["shape"] = list(self.shape)
+        for k in ("dead_units", "nan_units", "inf_units", "flags"):
+            rec[k] = list(rec[k])
+        spec = self.spectrum.to_record() if self.spectrum is not None else dict.fromkeys(SPECTRAL_COLUMNS)
+        rec.update(spec)
+        if singular_values:
+            rec["singular_values"] = self.spectrum.singular_values.tolist() if self.spectrum is not None else None
         for k, v in rec.items():
             if isinstance(v, float) and not math.isfinite(v):
                 rec[k] = None if math.isnan(v) else ("inf" if v > 0 else "-inf")
         return rec
 
 
-COLUMNS = [f.name for f in fields(LayerStats)]
+SPECTRAL_COLUMNS = list(SpectralStats((1, 1), "flatten", np.zeros(0)).to_record())
+COLUMNS = [f.name for f in fields(LayerStats) if f.name != "spectrum"] + SPECTRAL_COLUMNS
 
 
 def _fmt(v: Any) -> str:
@@ -157,9 +191,11 @@ class StatsTable(Sequence[LayerStats]):
     ``skipped`` lists ``(name, reason)`` for tensors that have no statistics (integer buffers).
     """
 
-    def __init__(self, rows: Iterable[LayerStats] = (), skipped: Iterable[tuple[str, str]] = ()):
+    def __init__(self, rows: Iterable[LayerStats] = (), skipped: Iterable[tuple[str, str]] = (),
+                 notes: Iterable[str] = ()):
         self.rows: list[LayerStats] = list(rows)
         self.skipped: list[tuple[str, str]] = list(skipped)
+        self.notes: list[str] = list(notes)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -191,9 +227,12 @@ class StatsTable(Sequence[LayerStats]):
     def to_records(self) -> list[dict[str, Any]]:
         return [r.to_record() for r in self.rows]
 
-    def to_json(self, path: Optional[PathLike] = None) -> str:
-        """JSON text (a list of records); also written atomically to ``path`` when given."""
-        text = json.dumps(self.to_records(), indent=1)
+    def to_json(self, path: Optional[PathLike] = None, singular_values: bool = False) -> str:
+        """JSON text (a list of records); also written atomically to ``path`` when given.
+
+        ``singular_values`` adds each layer's spectrum (descending) to its record.
+        """
+        text = json.dumps([r.to_record(singular_values) for r in self.rows], indent=1)
         if path is not None:
             atomic_write_text(path, text)
         return text
@@ -205,7 +244,8 @@ class StatsTable(Sequence[LayerStats]):
         writer.writeheader()
         for rec in self.to_records():
             rec["shape"] = "x".join(map(str, rec["shape"]))
-            rec["dead_units"] = ";".join(map(str, rec["dead_units"]))
+            for k in ("dead_units", "nan_units", "inf_units"):
+                rec[k] = ";".join(map(str, rec[k]))
             rec["flags"] = "; ".join(rec["flags"])
             writer.writerow({k: "" if v is None else v for k, v in rec.items()})
         text = buf.getvalue()
@@ -219,12 +259,12 @@ class StatsTable(Sequence[LayerStats]):
             import pandas as pd
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("StatsTable.to_dataframe needs pandas: pip install pandas") from exc
-        return pd.DataFrame([asdict(r) for r in self.rows], columns=COLUMNS)
+        return pd.DataFrame(self.to_records(), columns=COLUMNS)
 
     def to_text(self, max_flag_width: int = 60) -> str:
         """Aligned plain-text table, then one line per flag."""
         head = ["name", "shape", "params", "mean", "std", "min", "max", "skew", "kurt",
-                "fro", "spectral", "~0", "dead", "nan", "inf", "flags"]
+                "fro", "spectral", "alpha", "eff.rank", "~0", "dead", "nan", "inf", "flags"]
         body = []
         for r in self.rows:
             dead = f"{len(r.dead_units)}/{r.n_units}" if r.n_units else "-"
@@ -232,12 +272,16 @@ class StatsTable(Sequence[LayerStats]):
             flag = "; ".join(r.flags)
             if len(flag) > max_flag_width:
                 flag = flag[: max_flag_width - 3] + "..."
+            sp = r.spectrum
+            alpha = "-" if sp is None or not math.isfinite(sp.alpha) else (
+                f"{sp.alpha:.2f}" + ("?" if sp.fit.quality != "good" else ""))
+            erank = "-" if sp is None else f"{sp.effective_rank:.3g}/{sp.max_rank}"
             body.append([r.name, _fmt(r.shape), str(r.numel), _fmt(r.mean), _fmt(r.std), _fmt(r.min),
-                         _fmt(r.max), _fmt(r.skew), _fmt(r.kurtosis), _fmt(r.fro_norm), spec,
+                         _fmt(r.max), _fmt(r.skew), _fmt(r.kurtosis), _fmt(r.fro_norm), spec, alpha, erank,
                          f"{100 * r.near_zero:.1f}%" if math.isfinite(r.near_zero) else "-",
                          dead, str(r.n_nan), str(r.n_inf), flag])
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
-        numeric = set(range(2, 15))
+        numeric = set(range(2, len(head) - 1))
 
         def line(cells: list[str]) -> str:
             return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
@@ -246,9 +290,11 @@ class StatsTable(Sequence[LayerStats]):
         out += [line(row) for row in body]
         total = sum(r.numel for r in self.rows)
         out.append(f"{len(self.rows)} tensors, {total:,} values, {len(self.flagged())} flagged "
-                   "(~ = power-iteration estimate)")
+                   "(~ = power-iteration estimate; ? = power-law fit of poor quality)")
         for name, reason in self.skipped:
             out.append(f"skipped {name}: {reason}")
+        for note in self.notes:
+            out.append(f"note: {note}")
         return "\n".join(out)
 
 
@@ -366,6 +412,8 @@ def tensor_stats(name: str, tensor: torch.Tensor, config: Optional[StatsConfig] 
     lo, hi = math.inf, -math.inf
     n_nan = n_inf = n_zero = 0
     dead: list[int] = []
+    nan_units: list[int] = []
+    inf_units: list[int] = []
     any_nonfinite = False
     row0 = 0
     with torch.no_grad():
@@ -381,12 +429,17 @@ def tensor_stats(name: str, tensor: torch.Tensor, config: Optional[StatsConfig] 
             fin = None
             if not bool(torch.isfinite(ext).all()):
                 fin = torch.isfinite(c)
-                n_bad = int(c.numel() - int(fin.sum()))
                 any_nonfinite = True
-                nan = int(torch.isnan(c).sum())
-                n_nan += nan
-                n_inf += n_bad - nan
-            if t.dim() >= 2:
+                isnan, isinf = torch.isnan(c), torch.isinf(c)
+                n_nan += int(isnan.sum())
+                n_inf += int(isinf.sum())
+                if t.dim() >= 2:  # located by unit (row), like dead units
+                    isnan, isinf = isnan.any(dim=1), isinf.any(dim=1)
+                nan_units += (torch.nonzero(isnan).flatten() + row0).tolist()
+                inf_units += (torch.nonzero(isinf).flatten() + row0).tolist()
+            if t.dim() < 2:
+                row0 += blk.shape[0]
+            else:
                 if fin is None:
                     ok = (rmax <= thr) & (rmin >= -thr)
                 else:  # a dead row: every value finite and ~0
@@ -406,14 +459,17 @@ def tensor_stats(name: str, tensor: torch.Tensor, config: Optional[StatsConfig] 
             if shift is None:
                 shift = float(x.mean())
             d = x - shift
-            s1 += float(d.sum())
-            s2 += float(torch.dot(d, d))
+            # sums, not BLAS dots: torch's sum is cascaded, a float32 dot accumulates sequentially
+            # (1e-5 relative error in std for a 2.4M-value tensor)
             d2 = d * d
-            s3 += float(torch.dot(d2, d))
-            s4 += float(torch.dot(d2, d2))
+            s1 += float(d.sum())
+            s2 += float(d2.sum())
+            s3 += float((d2 * d).sum())
+            s4 += float((d2 * d2).sum())
             count += x.numel()
             del d, d2, x, c
         rec.n_nan, rec.n_inf = n_nan, n_inf
+        rec.nan_units, rec.inf_units = nan_units, inf_units
         rec.dead_units = dead
         if count:
             assert shift is not None
@@ -432,23 +488,36 @@ def tensor_stats(name: str, tensor: torch.Tensor, config: Optional[StatsConfig] 
             rec.fro_norm = math.sqrt(max(s2 + 2 * shift * s1 + count * shift * shift, 0.0))
             rec.near_zero = n_zero / count
         if t.dim() >= 2 and cfg.spectral != "none" and not any_nonfinite:
-            rec.spectral_norm, rec.spectral_method = spectral_norm(
-                t, cfg.spectral, cfg.spectral_exact_max, cfg.power_iters, cfg.power_tol, cfg.seed)
-    rec.flags = _flags(rec, cfg)
+            _spectral(rec, t, cfg)
+    rec.flags = _flags(rec, cfg) + (rec.spectrum.flags if rec.spectrum is not None else [])
     return rec
+
+
+def _spectral(rec: LayerStats, t: torch.Tensor, cfg: StatsConfig) -> None:
+    """The spectral norm, from the full spectrum when it is exact (computed once, reused)."""
+    rows, cols = t.shape[0], t.numel() // t.shape[0]
+    exact = cfg.spectral == "exact" or (cfg.spectral == "auto" and min(rows, cols) <= cfg.spectral_exact_max)
+    if exact and cfg.spectrum:
+        rec.spectrum = spectral_stats(t, conv=cfg.esd_conv, randomize=cfg.randomize, seed=cfg.seed)
+        if cfg.esd_conv == "flatten" or t.dim() != 4 or t.shape[2] * t.shape[3] == 1:
+            rec.spectral_norm, rec.spectral_method = rec.spectrum.spectral_norm, "exact"
+            return
+    rec.spectral_norm, rec.spectral_method = spectral_norm(
+        t, "exact" if exact else "power", cfg.spectral_exact_max, cfg.power_iters, cfg.power_tol, cfg.seed)
 
 
 def _flags(r: LayerStats, cfg: StatsConfig) -> list[str]:
     flags = []
-    if r.n_nan:
-        flags.append(f"contains {r.n_nan} NaN")
-    if r.n_inf:
-        flags.append(f"contains {r.n_inf} Inf")
+    unit = "elements" if len(r.shape) < 2 else ("filters" if len(r.shape) >= 3 else "rows")
+    for count, units, what in ((r.n_nan, r.nan_units, "NaN"), (r.n_inf, r.inf_units, "Inf")):
+        if count:
+            shown = ", ".join(map(str, units[:8])) + (" ..." if len(units) > 8 else "")
+            of = f" of {r.n_units}" if r.n_units else ""
+            flags.append(f"contains {count} {what} (in {len(units)}{of} {unit}: {shown})")
     if r.numel and r.n_nan + r.n_inf == r.numel:
         flags.append("no finite values")
         return flags
     if r.n_units and r.dead_units and r.dead_fraction >= cfg.dead_fraction_flag:
-        unit = "filters" if len(r.shape) >= 3 else "rows"
         shown = ", ".join(map(str, r.dead_units[:8])) + (" ..." if len(r.dead_units) > 8 else "")
         flags.append(f"{100 * r.dead_fraction:.0f}% of {unit} dead ({len(r.dead_units)}/{r.n_units}: {shown})")
     if math.isfinite(r.init_std) and math.isfinite(r.std) and r.std > 0:
@@ -475,25 +544,33 @@ def _config(config: Optional[StatsConfig], overrides: Mapping[str, Any]) -> Stat
     return config
 
 
-def named_tensors(source: Union[nn.Module, Mapping[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` pairs: a module's named parameters, or a state dict's entries.
+def named_tensors(source: Union[nn.Module, Mapping[str, Any]]) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs: a module's named parameters, or a state dict's tensors.
 
-    Raises ``ValueError`` for an empty source and ``TypeError`` naming any non-tensor entry.
+    A mapping is read like a checkpoint file (:func:`circuits.models.checkpoint.flatten_state_dict`:
+    wrappers removed, nesting flattened with dotted names, optimizer state and entries that are
+    not tensors skipped; :func:`named_tensors_and_notes` also returns what was skipped).
+    Raises ``ValueError`` for an empty source.
     """
+    return named_tensors_and_notes(source)[0]
+
+
+def named_tensors_and_notes(source: Union[nn.Module, Mapping[str, Any]]) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+    """:func:`named_tensors` plus the notes on what was unwrapped or skipped."""
     if isinstance(source, nn.Module):
         items = [(n, p.detach()) for n, p in source.named_parameters()]
         if not items:
             raise ValueError(f"{type(source).__name__} has no parameters to inspect")
-        return items
+        return items, []
     if not isinstance(source, Mapping):
         raise TypeError(f"expected an nn.Module or a state dict (mapping name -> tensor); got {type(source).__name__}")
     if not source:
         raise ValueError("the state dict is empty: there is nothing to inspect")
-    bad = [str(k) for k, v in source.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise TypeError(f"state dict entries that are not tensors: {', '.join(bad[:10])}"
-                        + (" ..." if len(bad) > 10 else "") + "; pass a mapping of name -> torch.Tensor")
-    return [(str(k), v) for k, v in source.items()]
+    try:
+        flat, notes = flatten_state_dict(source, "the state dict")
+    except CheckpointFormatError as exc:
+        raise ValueError(str(exc)) from None
+    return list(flat.items()), notes
 
 
 def stats_from_items(items: Iterable[tuple[str, torch.Tensor]], config: Optional[StatsConfig] = None,
@@ -533,5 +610,7 @@ def weight_stats(source: Union[nn.Module, Mapping[str, torch.Tensor]], config: O
     Returns:
         A :class:`StatsTable` in the source's order.
     """
-    items = named_tensors(source)
-    return stats_from_items(items, config, progress=progress, total=len(items), **kwargs)
+    items, notes = named_tensors_and_notes(source)
+    table = stats_from_items(items, config, progress=progress, total=len(items), **kwargs)
+    table.notes = notes
+    return table

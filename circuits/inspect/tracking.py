@@ -1,4 +1,28 @@
-"""Weights over training: a TensorBoard logger and a diff of two checkpoints.
+"""Weights over training: :func:`watch` (weights, gradients and update-to-weight ratios per
+layer, through hooks that are removed on exit), the writers it logs to, and the older
+:class:`TensorBoardWeightLogger` (called by hand).
+
+:func:`watch` hooks the optimizer's ``step`` (``register_step_pre_hook``/``post_hook``, or
+torch's global optimizer hooks when no optimizer is given, filtered to optimizers that hold
+the model's parameters). Every ``every``-th optimizer step it logs, for each named parameter:
+
+- ``weights/<name>/norm``, ``mean``, ``std``, ``max_abs`` (finite values) and ``nonfinite``
+  (count of NaN/Inf), after the step;
+- ``grads/<name>/norm``, ``max_abs`` and ``nonfinite``, the gradient the step used;
+- ``updates/<name>/ratio``: ``||W_after - W_before|| / ||W_before||``, the update-to-weight
+  ratio (about 1e-3 per step is the usual healthy range; much larger means the learning rate
+  is too high for that layer, much smaller that it barely trains). A parameter whose weights
+  were all zero or not finite before the step, or whose update is not finite, has no ratio (it
+  is not logged, and ``Watcher.notes`` says so; the ``nonfinite`` counts show NaN/Inf).
+
+To measure the update, the parameters are copied before a logged step (memory for one copy
+of the model, only during logged steps). Writers: a TensorBoard ``SummaryWriter`` (histograms
+of weights and gradients too, with ``histograms=True``), a :class:`ScalarWriter` (plain CSV or
+JSON), or a path (``.csv``/``.json`` → :class:`ScalarWriter`, else a TensorBoard run folder)::
+
+    with watch(model, "runs/exp1", every=100):
+        for x, y in loader:
+            opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
 
 :class:`TensorBoardWeightLogger` is cheap enough to leave on: every ``every`` steps it
 computes a ``torch.histc`` histogram of each parameter on the parameter's own device and
@@ -12,25 +36,25 @@ Inf counts, and the spectral norm when ``spectral`` is not ``"none"``)::
         logger.step(step)          # or logger(step)
     logger.close()
 
-:func:`diff_checkpoints` compares two checkpoints (paths, modules or state dicts) tensor by
-tensor: relative change ``||a - b|| / ||a||`` and the units (rows of ``[out, -1]``) that
-changed most.
+The checkpoint diff lives in :mod:`circuits.inspect.diff`.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from .._io import PathLike, atomic_write_text
-from .stats import named_tensors, tensor_stats
+from .stats import tensor_stats
 
-__all__ = ["TensorBoardWeightLogger", "diff_checkpoints", "CheckpointDiff", "TensorDiff"]
+__all__ = ["TensorBoardWeightLogger", "ScalarWriter", "Watcher", "watch"]
 
 
 class TensorBoardWeightLogger:
@@ -100,7 +124,7 @@ class TensorBoardWeightLogger:
                 sum_squares=float(torch.dot(x, x)), bucket_limits=limits.cpu().tolist(),
                 bucket_counts=counts.cpu().tolist(), global_step=step)
         if self.stats:
-            rec = tensor_stats(name, t, spectral=self.spectral)
+            rec = tensor_stats(name, t, spectral=self.spectral, spectrum=False)
             values = {"mean": rec.mean, "std": rec.std, "fro_norm": rec.fro_norm,
                       "max_abs": max(abs(rec.min), abs(rec.max)) if x.numel() else math.nan,
                       "near_zero": rec.near_zero, "nan": rec.n_nan, "inf": rec.n_inf}
@@ -124,144 +148,217 @@ class TensorBoardWeightLogger:
         self.close()
 
 
-@dataclass
-class TensorDiff:
-    """How one tensor changed from checkpoint ``a`` to ``b``."""
+class ScalarWriter:
+    """Scalars to a plain ``.csv`` (``step,tag,value``) or ``.json`` file, TensorBoard-style.
 
-    name: str
-    shape: tuple[int, ...]
-    norm_a: float
-    norm_diff: float
-    rel_change: float  # ||a - b|| / ||a|| (inf when ||a|| = 0 and b != a)
-    max_abs_change: float
-    top_units: list[tuple[int, float]] = field(default_factory=list)  # (unit index, ||a_i - b_i|| / ||a_i||)
+    ``add_scalar(tag, value, global_step)`` as on a ``SummaryWriter``; the file is rewritten
+    atomically on :meth:`flush`/:meth:`close` (so a reader never sees half a file). JSON:
+    ``{"scalars": [{"step", "tag", "value"}, ...]}`` with NaN as ``null`` and infinities as
+    ``"inf"``/``"-inf"``.
+    """
 
+    def __init__(self, path: PathLike, format: Optional[str] = None):
+        self.path = Path(path)
+        fmt = format or self.path.suffix.lstrip(".").lower()
+        if fmt not in ("csv", "json"):
+            raise ValueError(f"ScalarWriter writes .csv or .json files; got {self.path.name!r} (pass format='csv' or 'json')")
+        if self.path.is_dir():
+            raise ValueError(f"{self.path} is a folder; ScalarWriter needs a file name ending in .csv or .json")
+        self.format = fmt
+        self.records: list[tuple[int, str, float]] = []
 
-@dataclass
-class CheckpointDiff:
-    """Per-tensor diffs plus the names found in only one side or with different shapes."""
+    def add_scalar(self, tag: str, scalar_value: float, global_step: Optional[int] = None, *args: Any, **kwargs: Any) -> None:
+        self.records.append((int(global_step or 0), str(tag), float(scalar_value)))
 
-    tensors: list[TensorDiff]
-    only_in_a: list[str]
-    only_in_b: list[str]
-    shape_mismatch: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+    def scalars(self, tag: str) -> list[tuple[int, float]]:
+        """``[(step, value)]`` logged for ``tag``."""
+        return [(s, v) for s, t, v in self.records if t == tag]
 
-    def __getitem__(self, name: str) -> TensorDiff:
-        for d in self.tensors:
-            if d.name == name:
-                return d
-        raise KeyError(name)
+    def tags(self) -> list[str]:
+        return list(dict.fromkeys(t for _, t, _ in self.records))
 
-    def most_changed(self, k: int = 10) -> list[TensorDiff]:
-        return sorted(self.tensors, key=lambda d: -d.rel_change if math.isfinite(d.rel_change) else -math.inf)[:k]
-
-    def to_records(self) -> list[dict[str, Any]]:
-        return [{**asdict(d), "shape": list(d.shape)} for d in self.tensors]
-
-    def to_json(self, path: Optional[PathLike] = None) -> str:
-        import json
-
-        text = json.dumps({"tensors": self.to_records(), "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
-                           "shape_mismatch": [[n, list(a), list(b)] for n, a, b in self.shape_mismatch]},
-                          indent=1, default=str)
-        if path is not None:
-            atomic_write_text(path, text)
-        return text
-
-    def to_text(self) -> str:
-        w = max([len(d.name) for d in self.tensors] + [4])
-        lines = [f"{'name'.ljust(w)}  {'rel change':>10}  {'||a-b||':>10}  {'max|a-b|':>10}  most changed units (index: rel)"]
-        for d in self.tensors:
-            units = ", ".join(f"{i}: {r:.3g}" for i, r in d.top_units)
-            lines.append(f"{d.name.ljust(w)}  {d.rel_change:>10.4g}  {d.norm_diff:>10.4g}  {d.max_abs_change:>10.4g}  {units}")
-        for n in self.only_in_a:
-            lines.append(f"only in a: {n}")
-        for n in self.only_in_b:
-            lines.append(f"only in b: {n}")
-        for n, sa, sb in self.shape_mismatch:
-            lines.append(f"shape differs: {n} {sa} vs {sb}")
-        return "\n".join(lines)
-
-
-class _Side:
-    """Random access to tensors of a module, a state dict, or a checkpoint file."""
-
-    def __init__(self, source: Union[nn.Module, Mapping[str, torch.Tensor], PathLike]):
-        self.reader = None
-        if isinstance(source, (str, Path)):
-            from .checkpoint import CheckpointReader
-
-            self.reader = CheckpointReader(source)
-            self.names = self.reader.keys()
+    def flush(self) -> None:
+        if self.format == "csv":
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(["step", "tag", "value"])
+            w.writerows(self.records)
+            text = buf.getvalue()
         else:
-            self.mapping = dict(named_tensors(source)) if isinstance(source, nn.Module) else dict(named_tensors(source))
-            self.names = list(self.mapping)
+            def js(v: float) -> Any:
+                return None if math.isnan(v) else (v if math.isfinite(v) else ("inf" if v > 0 else "-inf"))
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.reader.get(name) if self.reader is not None else self.mapping[name]
-
-    def release(self, t: torch.Tensor) -> None:
-        if self.reader is not None:
-            self.reader.release(t)
+            text = json.dumps({"scalars": [{"step": s, "tag": t, "value": js(v)} for s, t, v in self.records]})
+        atomic_write_text(self.path, text)
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
+        self.flush()
+
+    def __enter__(self) -> "ScalarWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def diff_checkpoints(a: Union[nn.Module, Mapping[str, torch.Tensor], PathLike],
-                     b: Union[nn.Module, Mapping[str, torch.Tensor], PathLike], top_k: int = 5) -> CheckpointDiff:
-    """Compare two checkpoints tensor by tensor (streamed when they are files).
+def _finite_summary(x: torch.Tensor) -> tuple[dict[str, float], int]:
+    """``({norm, mean, std, max_abs}, n_nonfinite)`` of a tensor's finite values (float64 sums)."""
+    x = x.detach().reshape(-1)
+    fin = torch.isfinite(x)
+    bad = int(x.numel() - int(fin.sum()))
+    if bad:
+        x = x[fin]
+    x = x.double()
+    if not x.numel():
+        return {}, bad
+    return {"norm": float(torch.linalg.vector_norm(x)), "mean": float(x.mean()), "std": float(x.std(unbiased=False)),
+            "max_abs": float(x.abs().max())}, bad
 
-    For every floating-point tensor present in both with the same shape: ``rel_change =
-    ||a - b|| / ||a||`` (Frobenius), the largest ``|a - b|``, and the ``top_k`` units (rows of
-    ``[out, -1]``; elements for 1-D tensors) with the largest ``||a_i - b_i||``, each reported
-    as ``(index, ||a_i - b_i|| / ||a_i||)``.
+
+class Watcher:
+    """What :func:`watch` returns: the hooks, the step count and what was logged.
+
+    Attributes:
+        step: optimizer steps seen so far (of optimizers holding the model's parameters).
+        logged_steps: the steps that were logged.
+        notes: one line per thing that could not be logged (a ratio without a norm ...).
     """
-    sa, sb = _Side(a), _Side(b)
-    try:
-        in_b = set(sb.names)
-        in_a = set(sa.names)
-        diffs, mismatch = [], []
-        for name in sa.names:
-            if name not in in_b:
-                continue
-            ta, tb = sa.get(name), sb.get(name)
-            if tuple(ta.shape) != tuple(tb.shape):
-                mismatch.append((name, tuple(ta.shape), tuple(tb.shape)))
-                continue
-            if not (ta.is_floating_point() and tb.is_floating_point()):
-                continue
-            diffs.append(_diff_one(name, ta, tb, top_k))
-            sa.release(ta)
-            sb.release(tb)
-        return CheckpointDiff(diffs, [n for n in sa.names if n not in in_b], [n for n in sb.names if n not in in_a], mismatch)
-    finally:
-        sa.close()
-        sb.close()
+
+    def __init__(self, model: nn.Module, writer: Any, every: int = 100, optimizer: Optional[torch.optim.Optimizer] = None,
+                 histograms: bool = False, updates: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1; got {every!r}")
+        self._owns_writer = not hasattr(writer, "add_scalar")
+        if self._owns_writer:
+            path = Path(writer)
+            if path.suffix.lower() in (".csv", ".json"):
+                writer = ScalarWriter(path)
+            else:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(path))
+        self.model, self.writer, self.every = model, writer, every
+        self.optimizer, self.histograms, self.updates = optimizer, histograms, updates
+        self.params = {name: p for name, p in model.named_parameters()}
+        if not self.params:
+            raise ValueError(f"{type(model).__name__} has no parameters to watch")
+        self._ids = {id(p) for p in self.params.values()}
+        self._mine: dict[int, bool] = {}
+        self.step = 0
+        self.logged_steps: list[int] = []
+        self.notes: list[str] = []
+        self._before: Optional[dict[str, torch.Tensor]] = None
+        self._handles: list[Any] = []
+
+    # -- hooks
+    def attach(self) -> "Watcher":
+        if self._handles:
+            return self
+        if self.optimizer is not None:
+            self._handles = [self.optimizer.register_step_pre_hook(self._pre),
+                             self.optimizer.register_step_post_hook(self._post)]
+        else:
+            from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+            self._handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._post)]
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent); flush the writer, and close it if :func:`watch` made it."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._before = None
+        if self._owns_writer:
+            self.writer.close()
+        elif hasattr(self.writer, "flush"):
+            self.writer.flush()
+
+    def __enter__(self) -> "Watcher":
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _is_mine(self, optimizer: torch.optim.Optimizer) -> bool:
+        key = id(optimizer)
+        if key not in self._mine:
+            self._mine[key] = any(id(p) in self._ids for g in optimizer.param_groups for p in g["params"])
+        return self._mine[key]
+
+    def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._is_mine(optimizer) or self.step % self.every:
+            return
+        with torch.no_grad():
+            for name, p in self.params.items():
+                if p.grad is None:
+                    continue
+                summary, bad = _finite_summary(p.grad)
+                for k in ("norm", "max_abs"):
+                    if k in summary:
+                        self.writer.add_scalar(f"grads/{name}/{k}", summary[k], self.step)
+                self.writer.add_scalar(f"grads/{name}/nonfinite", bad, self.step)
+                if self.histograms and hasattr(self.writer, "add_histogram"):
+                    self.writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), self.step)
+            if self.updates:
+                self._before = {name: p.detach().clone() for name, p in self.params.items()}
+
+    def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._is_mine(optimizer):
+            return
+        if self.step % self.every == 0:
+            self._log_weights(self.step)
+        self.step += 1
+
+    def _log_weights(self, step: int) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                summary, bad = _finite_summary(p)
+                for k, v in summary.items():
+                    self.writer.add_scalar(f"weights/{name}/{k}", v, step)
+                self.writer.add_scalar(f"weights/{name}/nonfinite", bad, step)
+                if self.histograms and hasattr(self.writer, "add_histogram"):
+                    self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+                if self._before is not None:
+                    old = self._before[name].double()
+                    norm_old = float(torch.linalg.vector_norm(old))
+                    delta = float(torch.linalg.vector_norm(p.detach().double() - old))
+                    if norm_old > 0 and math.isfinite(norm_old) and math.isfinite(delta):
+                        self.writer.add_scalar(f"updates/{name}/ratio", delta / norm_old, step)
+                    else:
+                        why = ("its weights were all zero" if norm_old == 0 else "its weights were not finite"
+                               if not math.isfinite(norm_old) else "the update is not finite")
+                        self.notes.append(f"step {step}: no update ratio for {name} ({why})")
+        self._before = None
+        self.logged_steps.append(step)
+        if hasattr(self.writer, "flush"):
+            self.writer.flush()
 
 
-def _diff_one(name: str, ta: torch.Tensor, tb: torch.Tensor, top_k: int) -> TensorDiff:
-    with torch.no_grad():
-        wd = torch.float64 if torch.float64 in (ta.dtype, tb.dtype) else torch.float32
-        xa, xb = ta.to(wd), tb.to(wd)
-        d = xb - xa
-        rows_a = xa.reshape(xa.shape[0], -1) if xa.dim() >= 1 else xa.reshape(1, 1)
-        rows_d = d.reshape(rows_a.shape)
-        if xa.dim() <= 1:
-            rows_a, rows_d = rows_a.reshape(-1, 1), rows_d.reshape(-1, 1)
-        unit_d = torch.linalg.vector_norm(rows_d, dim=1)
-        unit_a = torch.linalg.vector_norm(rows_a, dim=1)
-        norm_a = float(torch.linalg.vector_norm(unit_a))
-        norm_d = float(torch.linalg.vector_norm(unit_d))
-        k = min(top_k, unit_d.numel())
-        top = torch.topk(unit_d, k).indices.tolist() if k else []
-        units = []
-        for i in top:
-            if float(unit_d[i]) == 0:
-                break
-            na = float(unit_a[i])
-            units.append((int(i), float(unit_d[i]) / na if na > 0 else math.inf))
-        rel = norm_d / norm_a if norm_a > 0 else (0.0 if norm_d == 0 else math.inf)
-        return TensorDiff(name, tuple(ta.shape), norm_a, norm_d, rel,
-                          float(d.abs().max()) if d.numel() else 0.0, units)
+def watch(model: nn.Module, writer: Any, every: int = 100, optimizer: Optional[torch.optim.Optimizer] = None,
+          histograms: bool = False, updates: bool = True) -> Watcher:
+    """Log weights, gradients and update-to-weight ratios of ``model`` every ``every`` optimizer steps.
+
+    Args:
+        model: the module being trained.
+        writer: a TensorBoard ``SummaryWriter``, a :class:`ScalarWriter`, anything with
+            ``add_scalar(tag, value, step)``, or a path (``.csv``/``.json``: a ScalarWriter;
+            otherwise a TensorBoard run folder), closed on exit when made here.
+        every: log optimizer steps ``0, every, 2 * every, ...``.
+        optimizer: hook this optimizer only; default: every optimizer that holds the model's
+            parameters (torch's global optimizer hooks, while the context is open).
+        histograms: also write weight and gradient histograms (TensorBoard writers).
+        updates: measure update-to-weight ratios (copies the parameters before logged steps).
+
+    Returns:
+        A :class:`Watcher`, to be used as a context manager (hooks attached on enter and
+        removed on exit, also on error).
+
+    Example:
+        >>> with watch(model, "metrics.csv", every=10) as w:        # doctest: +SKIP
+        ...     train(model, optimizer)
+        >>> w.logged_steps                                          # doctest: +SKIP
+    """
+    return Watcher(model, writer, every, optimizer, histograms, updates)

@@ -23,10 +23,20 @@ from torch import nn
 
 from .fashion import FASHION_CLASSES, FashionInception
 from .inceptionv1 import INCEPTION5H_URL, InceptionV1
+from .checkpoint import (
+    CheckpointFormatError,
+    CheckpointReader,
+    UnsafeCheckpointError,
+    flatten_state_dict,
+    read_checkpoint,
+    sniff_checkpoint,
+)
 from .loading import (
     WEIGHT_SUFFIXES,
+    DeviceError,
     WeightsError,
     cache_dir,
+    check_device,
     check_state_dict,
     fetch_url,
     load_state_dict_file,
@@ -52,6 +62,14 @@ __all__ = [
     "device_and_dtype",
     "UnknownModelError",
     "WEIGHT_SUFFIXES",
+    "CheckpointReader",
+    "read_checkpoint",
+    "flatten_state_dict",
+    "sniff_checkpoint",
+    "CheckpointFormatError",
+    "UnsafeCheckpointError",
+    "check_device",
+    "DeviceError",
     "preprocess_input",
     "input_shape",
     "DEFAULT_MODEL",
@@ -256,6 +274,7 @@ def resolve_model(
         >>> model = resolve_model("fashion-inception")
         >>> model = resolve_model("inception5h.pth")        # doctest: +SKIP
     """
+    device = check_device(device)
     if isinstance(model, nn.Module):
         if weights is not None:
             load_weights(model, weights, sha256=sha256)

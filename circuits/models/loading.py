@@ -1,14 +1,13 @@
 """Loading and saving weights: local ``.pth``/``.pt``, ``.safetensors``, or a URL with a sha256.
 
 Every failure is a :class:`WeightsError` whose message says what is wrong and what to do.
-``torch.load`` always runs with ``weights_only=True``: a checkpoint that needs arbitrary
-unpickling is refused.
+Files are read by :mod:`circuits.models.checkpoint`, the one checkpoint reader (format
+sniffing, unwrapping, pickle safety).
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .._io import PathLike, atomic_path, sha256_file
+from .checkpoint import CHECKPOINT_SUFFIXES, CheckpointFormatError, WeightsError, read_checkpoint
 
 __all__ = [
     "WeightsError",
@@ -28,15 +28,40 @@ __all__ = [
     "load_weights",
     "save_state_dict",
     "check_state_dict",
+    "check_device",
+    "DeviceError",
 ]
 
 
 #: File name endings read as weights files (everything else given as ``--model`` is a model name).
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+WEIGHT_SUFFIXES = CHECKPOINT_SUFFIXES
 
 
-class WeightsError(RuntimeError):
-    """Weights could not be loaded; the message says why and what to do about it."""
+class DeviceError(ValueError):
+    """A device that does not exist here (no GPU, a GPU index out of range, a typo)."""
+
+
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """``device`` as a :class:`torch.device`, or a :class:`DeviceError` saying why it cannot be used here.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU or driver was found"
+            raise DeviceError(f"device {str(device)!r} is not available: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(device)!r} is not available: there are {torch.cuda.device_count()} CUDA "
+                              f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceError(f"device {str(device)!r} is not available: no Apple MPS device here; use --device cpu")
+    return dev
 
 
 def cache_dir() -> Path:
@@ -90,10 +115,12 @@ def fetch_url(url: str, sha256: Optional[str], cache: Optional[PathLike] = None)
 
 
 def load_state_dict_file(source: Union[str, PathLike], sha256: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Read a state dict from a local path (``.pth``, ``.pt``, ``.bin``, ``.safetensors``) or a URL.
+    """Read a flat state dict from a checkpoint (file, shard folder or index) or a URL.
 
-    For a local file, ``sha256`` is optional and checked when given. Checkpoints that wrap
-    the weights (``{"state_dict": ...}`` or ``{"model": ...}``) are unwrapped.
+    The file goes through :class:`~circuits.models.checkpoint.CheckpointReader` (the format
+    is sniffed; wrapped and nested checkpoints are unwrapped; optimizer state and entries that
+    are not tensors are skipped; unsafe pickles are refused). For a local file ``sha256`` is
+    optional and checked when given. Every problem is a :class:`WeightsError`.
     """
     source = str(source)
     if _is_url(source):
@@ -101,42 +128,14 @@ def load_state_dict_file(source: Union[str, PathLike], sha256: Optional[str] = N
     else:
         path = Path(source).expanduser()
         if not path.exists():
-            raise WeightsError(f"weights file not found: {path}")
-        if path.is_dir():
-            raise WeightsError(f"weights path is a folder, not a file: {path}")
-        if sha256 and sha256_file(path) != sha256.lower():
-            raise WeightsError(f"checksum mismatch for {path}: expected sha256 {sha256.lower()}, got {sha256_file(path)}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(f"{path} is not a valid safetensors file: {exc}") from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise WeightsError(
-                f"{path} needs arbitrary code to unpickle (it stores more than tensors), so it is "
-                "refused for safety. If you trust it, re-save just its state dict: "
-                "torch.save(torch.load(path, weights_only=False).state_dict(), 'clean.pth')"
-            ) from exc
-        raise WeightsError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise WeightsError(f"{path} is not a readable PyTorch checkpoint (corrupted or truncated?): {exc}") from exc
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise WeightsError(f"{path}: entries that are not tensors: {', '.join(map(str, bad[:10]))}")
-    return dict(obj)
+            raise CheckpointFormatError(f"weights file not found: {path}")
+        if sha256:
+            if path.is_dir():
+                raise WeightsError(f"--sha256 checks one file, but {path} is a folder; give the file's path")
+            got = sha256_file(path)
+            if got != sha256.lower():
+                raise WeightsError(f"checksum mismatch for {path}: expected sha256 {sha256.lower()}, got {got}")
+    return read_checkpoint(path)
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -156,6 +155,12 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
         problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
     if shapes:
         problems.append("shape mismatches: " + "; ".join(shapes[:20]))
+    if missing:
+        prefixes = sorted({k[: -len(missing[0]) - 1] for k in state if k.endswith("." + missing[0])})
+        if prefixes:  # e.g. {"model": ..., "ema": ...} flattened, or DataParallel's "module."
+            problems.append(f"the checkpoint holds {missing[0]} under {', '.join(p + '.' for p in prefixes)}: pass "
+                            "the weights under one prefix, e.g. {k.removeprefix('" + prefixes[0] + ".'): v for k, v in "
+                            "state.items()}")
     if problems:
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + " | ".join(problems))
 
