@@ -94,7 +94,6 @@ __all__ = [
     "ALL_NEURONS_UP_TO",
     "SAMPLE_PER_LAYER",
     "default_neurons",
-    "channels_last_copy",
     "render_pages_images",
     "Link",
     "outgoing_connections",
@@ -514,24 +513,6 @@ def render_pages_images(model: nn.Module, targets: Mapping[str, Sequence[int]], 
     return images, values
 
 
-def channels_last_copy(model: nn.Module) -> nn.Module:
-    """A copy of a CPU convolutional ``model`` with its weights in channels-last memory format
-    (the same values, so the same weight hash and feature-visualization cache entries), else
-    ``model`` itself.
-
-    On the CPU, max pooling of channels-first activations is slow (about half the time of a
-    FashionInception render step); with channels-last weights every activation is channels-last
-    and a render step takes half the time. The pages render and scan with this copy; results
-    agree with the original to float32 rounding.
-    """
-    import copy
-
-    params = list(model.parameters())
-    if not params or any(p.device.type != "cpu" for p in params) or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        return model
-    return copy.deepcopy(model).to(memory_format=torch.channels_last)
-
-
 def _dataset_labels(name: str, size: int) -> Optional[np.ndarray]:
     if name.startswith("fashion-mnist-"):
         from ..datasets import load_fashion_mnist
@@ -575,8 +556,8 @@ def compute_pages(
     Each upstream connection is computed once (:func:`circuits.figures.sections.layer_connections`
     gives a layer's sections and the L2 of all its connections, which are also the outgoing
     connections of the upstream neurons); all feature visualizations are one batched render
-    ordered by depth (:func:`render_pages_images`, on a :func:`channels_last_copy` of a CPU
-    model); the data set is scanned once.
+    ordered by depth (:func:`render_pages_images`; on the CPU the render runs channels-last,
+    :class:`circuits.featurevis.RenderSettings`); the data set is scanned once.
     """
     settings = split_overrides(settings, overrides)
     layers = list(layers) if layers else interesting_layers(model)
@@ -607,8 +588,7 @@ def compute_pages(
     known, _ = neuron_index(full, computed)
     targets = {layer: sorted(chs) for layer, chs in known.items()}
     outgoing = outgoing_connections(model, full, ups, targets, n=settings.n_outgoing, norms=norms)
-    fast = channels_last_copy(model)
-    vis, vis_values = render_pages_images(fast, targets, cache, settings.render, progress)
+    vis, vis_values = render_pages_images(model, targets, cache, settings.render, progress)
     data, name, labels = None, "", None
     if images is not None:
         data, name = torch.as_tensor(images), images_name
@@ -621,7 +601,7 @@ def compute_pages(
     if data is not None:
         from ..featurevis import neuron_examples
 
-        examples = dict(neuron_examples(fast, targets, data, k=settings.n_examples, progress=progress))
+        examples = dict(neuron_examples(model, targets, data, k=settings.n_examples, progress=progress))
     return PageData.build(model, full, ups, computed, settings, images=vis, examples=examples,
                           example_images=data, dataset_name=name, outgoing=outgoing, vis_values=vis_values,
                           example_labels=labels)
@@ -729,7 +709,7 @@ def _top_bar(site: _Site, prefix: str, crumbs: str) -> str:
 def _vis_img(site: _Site, layer: str, c: int, prefix: str, cls: str) -> str:
     if not site.has_vis(layer, c):
         return f"<span class=\"{cls} novis\" title=\"no feature visualization\"></span>"
-    return (f"<img class=\"{cls} pixel\" src=\"{prefix}{site.vis(layer, c)}\" loading=\"lazy\" "
+    return (f"<img class=\"{cls} pixel\" src=\"{prefix}{site.vis(layer, c)}\" "
             f"alt=\"feature visualization of {_e(layer)}:{c}\">")
 
 
