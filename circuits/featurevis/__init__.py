@@ -22,6 +22,7 @@ from .objectives import Objective, as_objective, channel, direction, direction_c
 from .param import ImageParam
 from .relu import RedirectedReLUFunction, redirected_relu
 from .rendering import (
+    RENDER_OPTIONS,
     RenderResult,
     RenderWarning,
     activation_floats_per_image,
@@ -41,6 +42,7 @@ __all__ = [
     "cache_requests",
     "RenderResult",
     "RenderSettings",
+    "RENDER_OPTIONS",
     "default_optimizer",
     "RenderWarning",
     "activation_floats_per_image",

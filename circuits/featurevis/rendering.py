@@ -67,6 +67,9 @@ Reference = Union[None, torch.Tensor, np.ndarray, Sequence[float], Mapping[str, 
 
 #: Keyword arguments of :func:`render` that are not settings (they never change an image).
 CALL_ARGUMENTS = ("cache", "progress", "device", "batch_size")
+#: Every keyword :func:`render` takes besides ``settings``: the :class:`RenderSettings` fields
+#: and the call arguments (configs' ``render:`` sections are checked against it).
+RENDER_OPTIONS = RenderSettings.field_names() + CALL_ARGUMENTS + ("reference",)
 
 
 class RenderWarning(UserWarning):
