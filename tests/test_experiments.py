@@ -459,3 +459,12 @@ def test_every_config_render_section_validates() -> None:
         assert set(cfg["render"]) <= set(RENDER_OPTIONS)
         checked += 1
     assert checked >= 5
+
+
+def test_parse_overrides_reads_yaml_values() -> None:
+    from circuits.experiment import parse_overrides
+
+    assert parse_overrides(["render.steps=2", "out=/tmp/x", "layers=[a, b]", "name=a: b: c"]) == {
+        "render.steps": 2, "out": "/tmp/x", "layers": ["a", "b"], "name": "a: b: c"}
+    with pytest.raises(ExperimentError, match="KEY=VALUE"):
+        parse_overrides(["steps"])
