@@ -162,7 +162,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .layers import centre, check_channel, get_layer, parse_target, replace_activation, run_until
+from .layers import centre, check_channel, get_layer, parse_neuron, parse_target, replace_activation, run_until
 from .layouts import Layout, get_layouts
 from .models import device_and_dtype
 from .wiring import adjacent_conv, layer_graph
@@ -1982,16 +1982,11 @@ def neuron_weights(
     (``"@y,x"``) is rejected: linearised weights are the same at every interior position;
     use :func:`per_example_connections` for positions.
     """
-    t = parse_target(target)
-    if t.channel is None:
-        raise ValueError(f"target {target!r} names a layer, not a neuron: use 'layer:channel'")
-    if t.position is not None:
-        raise ValueError(
-            f"target {target!r} has a position, but linearised weights do not depend on it; use "
-            "per_example_connections(...) for a neuron at a given position"
-        )
+    layer, channel = parse_neuron(
+        target, "linearised weights do not depend on it (per_example_connections(...) takes a position)"
+    )
     conn = connection_weights(
-        model, from_layer, t.layer, [t.channel], crop, input_shape, policy=policy, reference=reference
+        model, from_layer, layer, [channel], crop, input_shape, policy=policy, reference=reference
     )
     return conn.weights[0]
 

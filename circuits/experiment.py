@@ -39,9 +39,9 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Collection, Mapping, Optional, Union
+from typing import Any, Collection, Mapping, Optional, Sequence, Union
 
-__all__ = ["run_experiment", "load_config", "apply_overrides", "find_experiment", "validate_config", "check_config", "ExperimentError"]
+__all__ = ["run_experiment", "load_config", "apply_overrides", "parse_overrides", "find_experiment", "validate_config", "check_config", "ExperimentError"]
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ALWAYS = ("experiment", "_config_path", "_config_dir")
@@ -93,6 +93,26 @@ def _copy(d: dict[str, Any]) -> dict[str, Any]:
             out[k] = copy.deepcopy(v)
         else:
             out[k] = v
+    return out
+
+
+def parse_overrides(items: Optional[Sequence[str]]) -> dict[str, Any]:
+    """``["render.steps=2", "out=/tmp/x"]`` (``--set`` options) → ``{"render.steps": 2, "out": "/tmp/x"}``.
+
+    Values are read as YAML (numbers, booleans, lists); a value YAML cannot read stays a
+    string. An item without ``=`` is an :class:`ExperimentError`.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ExperimentError(f"--set takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
     return out
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "replace_activation",
     "run_until",
     "parse_target",
+    "parse_neuron",
     "check_channel",
     "centre",
 ]
@@ -279,6 +280,28 @@ def parse_target(spec: Union[str, Target]) -> Target:
         raise ValueError(f"target {spec!r} has no layer name; a target is {_TARGET_FORMS}")
     split_call(text)  # a malformed '#k' fails here, with its own message
     return Target(text, channel, position)
+
+
+def parse_neuron(spec: Union[str, Target], why: str = "a weight does not depend on it") -> tuple[str, int]:
+    """Parse a whole-channel neuron ``"layer:channel"`` into ``(layer, channel)``.
+
+    A layer without a channel, or a position (``"@y,x"``), is a ``ValueError``; ``why`` says
+    in the message why the caller has no use for a position (weights, pages and weight
+    figures treat a channel as one neuron at every position).
+
+    Example:
+        >>> parse_neuron("mixed3b:12")
+        ('mixed3b', 12)
+    """
+    t = parse_target(spec)
+    if t.channel is None:
+        raise ValueError(f"{str(spec)!r} names a layer, not a neuron: use 'layer:channel', e.g. mixed3b:12")
+    if t.position is not None:
+        raise ValueError(
+            f"{str(spec)!r} has a position, but {why}; drop '@y,x' (positions are for feature "
+            "visualization and per-example connections)"
+        )
+    return t.layer, t.channel
 
 
 def centre(h: int, w: int) -> tuple[int, int]:

@@ -35,7 +35,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .layers import check_channel, example_input, get_layer, layer_names, parse_target, split_call, structure_key, trace
+from .layers import check_channel, example_input, get_layer, layer_names, parse_neuron, split_call, structure_key, trace
 from .layouts import get_layouts
 
 __all__ = [
@@ -431,15 +431,7 @@ def select_neurons(model_or_counts: Union[nn.Module, Mapping[str, int]], layers:
             neurons = [neurons]
         items = []
         for spec in neurons:
-            t = parse_target(spec)
-            if t.channel is None:
-                raise ValueError(f"neuron {spec!r} needs a channel: 'layer:channel'")
-            if t.position is not None:
-                raise ValueError(
-                    f"neuron {spec!r} has a position, but a page shows a whole channel; drop '@y,x' "
-                    "(positions are for feature visualization and per-example connections)"
-                )
-            items.append((t.layer, t.channel))
+            items.append(parse_neuron(spec, "a page shows a whole channel"))
     for layer in layers:
         chosen.setdefault(layer, [])
     for layer, c in items:

@@ -30,7 +30,6 @@ one shared choice, with the measurements that made it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import textwrap
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 
 from circuits.expanded import connection_weights
-from circuits.featurevis import render
+from circuits.featurevis import RENDER_OPTIONS, render
 from circuits.featurevis.objectives import Objective
 from circuits.layers import centre, get_layer, parse_target, run_until
 from circuits.models import resolve_model
@@ -70,9 +69,8 @@ __all__ = [
 ]
 
 _DEFAULT_RENDER = {"steps": 512, "seed": 0, "cache": True, "progress": True}
-#: valid ``render:`` keys: the keyword arguments of :func:`circuits.featurevis.render`
-RENDER_KEYS = tuple(n for n, p in inspect.signature(render).parameters.items()
-                    if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in ("model", "targets"))
+#: valid ``render:`` keys: the settings and call arguments of :func:`circuits.featurevis.render`
+RENDER_KEYS = RENDER_OPTIONS
 NMF_KEYS = ("max_iter", "tol", "seed")
 CONTROL_KEYS = ("random_init", "shuffled", "seed")
 _DEFAULT_CONTROLS = {"random_init": 3, "shuffled": 3, "seed": 0}

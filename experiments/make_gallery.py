@@ -25,10 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from circuits._io import atomic_path, atomic_write_text
-from circuits.experiment import run_experiment
+from circuits.experiment import parse_overrides, run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = {"explore_fashion", "story_neurons_fashion"}  # a CLI command config (neuron pages); the story search
@@ -77,16 +76,6 @@ def write_claims(gallery: Path, new: dict[str, dict]) -> None:
     atomic_write_text(gallery / "CLAIMS.md", "\n".join(lines))
 
 
-def _overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("filters", nargs="*", help="run only configs whose file name contains one of these")
@@ -102,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     collected = {}
     for config in configs:
         start = time.time()
-        result = run_experiment(config, {**_overrides(args.set), "out": str(args.outputs / config.stem)})
+        result = run_experiment(config, {**parse_overrides(args.set), "out": str(args.outputs / config.stem)})
         pngs = [Path(f) for f in result["files"] if str(f).endswith(".png") and not Path(f).stem.endswith("_target")]
         for png in pngs:
             with atomic_path(args.gallery / png.name) as tmp:

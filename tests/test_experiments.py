@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from circuits.experiment import ExperimentError, apply_overrides, check_config, find_experiment, run_experiment
 from circuits.layers import get_layer
@@ -440,3 +441,30 @@ def test_make_gallery_copies_each_figure_of_the_chosen_configs(tmp_path):
     assert "beats its controls" in (tmp_path / "g" / "CLAIMS.md").read_text()
     with pytest.raises(SystemExit):
         gallery.main(["no-such-figure", "--gallery", str(tmp_path / "g")])
+
+
+def test_every_config_render_section_validates() -> None:
+    """The ``render:`` keys of every committed config are render settings or call arguments."""
+    from circuits.experiment import check_config
+    from circuits.featurevis import RENDER_OPTIONS, RenderSettings
+
+    configs = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+    checked = 0
+    for path in configs:
+        cfg = yaml.safe_load(path.read_text())
+        if "experiment" not in cfg or not cfg.get("render"):
+            continue
+        check_config(path)
+        RenderSettings.from_dict({k: v for k, v in cfg["render"].items() if k in RenderSettings.field_names()})
+        assert set(cfg["render"]) <= set(RENDER_OPTIONS)
+        checked += 1
+    assert checked >= 5
+
+
+def test_parse_overrides_reads_yaml_values() -> None:
+    from circuits.experiment import parse_overrides
+
+    assert parse_overrides(["render.steps=2", "out=/tmp/x", "layers=[a, b]", "name=a: b: c"]) == {
+        "render.steps": 2, "out": "/tmp/x", "layers": ["a", "b"], "name": "a: b: c"}
+    with pytest.raises(ExperimentError, match="KEY=VALUE"):
+        parse_overrides(["steps"])

@@ -290,3 +290,13 @@ def test_trace_leaves_the_model_as_it_was():
     assert model.training and model[0].training and not model[1].training
     assert torch.equal(model[1].running_mean, torch.zeros(4))  # eval mode: no statistics updated
     assert _n_hooks(model) == 0
+
+
+def test_parse_neuron_one_rule_for_weights_pages_and_figures() -> None:
+    from circuits.layers import parse_neuron
+
+    assert parse_neuron("layer1.0.relu#2:5") == ("layer1.0.relu#2", 5)
+    with pytest.raises(ValueError, match="names a layer, not a neuron"):
+        parse_neuron("mixed3b")
+    with pytest.raises(ValueError, match="has a position, but pages differ"):
+        parse_neuron("mixed3b:1@2,2", "pages differ")

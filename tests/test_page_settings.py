@@ -38,3 +38,14 @@ def test_round_trip(top_k: int, threshold: float, n: int, dataset) -> None:
                      render={"steps": 8})
     assert PageSettings.from_dict(s.to_dict()) == s
     assert hash(PageSettings.from_dict(s.to_dict())) == hash(s)
+
+
+def test_render_settings_adopted() -> None:
+    from circuits.featurevis import RenderSettings
+
+    s = PageSettings(render=RenderSettings(steps=64, seed=3))
+    assert s.render["steps"] == 64 and s.render_settings == RenderSettings(steps=64, seed=3)
+    assert PageSettings(render={"steps": 32}).render_settings.steps == 32
+    assert set(RENDER_KEYS) == set(RenderSettings.field_names())
+    with pytest.raises(ValueError, match="steps"):  # a bad value fails when the settings are made
+        PageSettings(render={"steps": -1})

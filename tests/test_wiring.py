@@ -126,5 +126,5 @@ def test_select_neurons(fashion):
         wiring.select_neurons(fashion, ["mixed3b"], ["mixed3b:160"])
     with pytest.raises(ValueError, match="has a position"):  # a position is refused, never dropped
         wiring.select_neurons(fashion, ["mixed3b"], ["mixed3b:12@3,4"])
-    with pytest.raises(ValueError, match="needs a channel"):
+    with pytest.raises(ValueError, match="names a layer, not a neuron"):
         wiring.select_neurons(fashion, ["mixed3b"], ["mixed3b"])

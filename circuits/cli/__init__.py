@@ -90,19 +90,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 # ----------------------------------------------------------------------------- configs
 
 
-def _overrides(items: Optional[Sequence[str]]) -> dict[str, Any]:
-    import yaml
+def _set_options(items: Optional[Sequence[str]]) -> dict[str, Any]:
+    from ..experiment import ExperimentError, parse_overrides
 
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
+    try:
+        return parse_overrides(items)
+    except ExperimentError as e:
+        raise UsageError(str(e)) from None
 
 
 def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -110,7 +104,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     path = Path(args.config).expanduser()
     shortcuts = {k: getattr(args, k) for k in ("weights", "sha256", "device", "out") if getattr(args, k, None) is not None}
-    overrides = {**shortcuts, **_overrides(args.set)}
+    overrides = {**shortcuts, **_set_options(args.set)}
     raw = read_yaml(path)
     if isinstance(raw, dict) and "experiment" in raw and "command" not in raw:
         from ..experiment import run_experiment

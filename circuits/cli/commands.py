@@ -274,6 +274,7 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
     if args.engine == "ray" and args.max_tasks is not None:
         raise UsageError("--max-tasks is for the local engine")
+    _layers_only(args.layers, "--layers")
     if args.engine == "local":
         check_device(args.device)
     model = resolve_model(args.model, args.weights, args.sha256, "cpu")

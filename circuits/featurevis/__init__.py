@@ -32,6 +32,7 @@ from .objectives import Objective, as_objective, channel, direction, direction_c
 from .param import ImageParam
 from .relu import RedirectedReLUFunction, redirected_relu
 from .rendering import (
+    RENDER_OPTIONS,
     RenderResult,
     RenderWarning,
     activation_floats_per_image,
@@ -51,6 +52,7 @@ __all__ = [
     "cache_requests",
     "RenderResult",
     "RenderSettings",
+    "RENDER_OPTIONS",
     "default_optimizer",
     "RenderWarning",
     "activation_floats_per_image",

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .._io import state_dict_hash
 from ..layers import capture, layer_names, run_until
 from ..layouts import Layout, get_layouts
-from ..models import input_shape, preprocess_input
+from ..models import device_and_dtype, input_shape, preprocess_input
 from . import transforms as T
 from .cache import FeatureVisCache, as_cache
 from .fastops import fast_ops
@@ -67,6 +67,9 @@ Reference = Union[None, torch.Tensor, np.ndarray, Sequence[float], Mapping[str, 
 
 #: Keyword arguments of :func:`render` that are not settings (they never change an image).
 CALL_ARGUMENTS = ("cache", "progress", "device", "batch_size")
+#: Every keyword :func:`render` takes besides ``settings``: the :class:`RenderSettings` fields
+#: and the call arguments (configs' ``render:`` sections are checked against it).
+RENDER_OPTIONS = RenderSettings.field_names() + CALL_ARGUMENTS + ("reference",)
 
 
 class RenderWarning(UserWarning):
@@ -168,16 +171,6 @@ def learning_rate(step: int, steps: int, lr: float, schedule: str = "constant") 
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """The device and floating dtype of the model's first parameter (or buffer)."""
-    p = next(model.parameters(), None)
-    if p is None:
-        p = next(model.buffers(), None)
-    if p is None:
-        return torch.device("cpu"), torch.float32
-    return p.device, (p.dtype if p.is_floating_point() else torch.float32)
-
-
 @contextlib.contextmanager
 def _frozen_eval(model: nn.Module) -> Iterator[None]:
     """Eval mode and ``requires_grad=False`` for every parameter inside the block; restored after."""
@@ -259,7 +252,7 @@ def bf16_autocast_supported(device: Union[str, torch.device]) -> bool:
 
 
 def _plan(model: nn.Module, s: RenderSettings, device: Union[str, torch.device, None]) -> _Plan:
-    mdev, dtype = _model_device(model)
+    mdev, dtype = device_and_dtype(model)
     dev = mdev if device is None else torch.device(device)
     channels, in_h, in_w = input_shape(model)
     size = s.size if s.size is not None else (min(128, in_h), min(128, in_w))
@@ -357,7 +350,7 @@ def activation_floats_per_image(model: nn.Module, layers: Union[str, Sequence[st
     layer_list = [layers] if isinstance(layers, str) else list(layers)
     channels, in_h, in_w = input_shape(model)
     hw = RenderSettings(resize_to=size).resize_to or (in_h, in_w)
-    dev, dtype = _model_device(model)
+    dev, dtype = device_and_dtype(model)
     return _probe(model, layer_list, channels, hw, dev, dtype)[1]
 
 
@@ -520,7 +513,7 @@ def render(
     objectives = _as_objectives(targets)
     if not objectives:
         raise ValueError("render needs at least one target")
-    mdev, _ = _model_device(model)
+    mdev, _ = device_and_dtype(model)
     dev = mdev if device is None else torch.device(device)
     if dev.type != mdev.type or (dev.index is not None and mdev.index is not None and dev.index != mdev.index):
         raise ValueError(f"device {dev} differs from the model's device {mdev}; move the model with model.to({str(dev)!r})")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import get_layer, parse_target
+from ..layers import check_channel, get_layer, parse_neuron
 from ..wiring import channel_counts, default_upstream
 from . import smallmultiples as sm
 from .sections import connections_to
@@ -34,22 +34,13 @@ FIGURE_KINDS = ("small-multiples", "factors", "family", "spatial", "nmf", "heatm
 
 
 def _neuron(model: nn.Module, target: str) -> tuple[str, int]:
-    t = parse_target(target)
-    if t.channel is None:
-        raise ValueError(f"{target!r} is a layer; a neuron is 'layer:channel', e.g. mixed3b:12")
-    if t.position is not None:
-        raise ValueError(
-            f"{target!r} has a position, but a weight figure shows the neuron's weights, which are the same at "
-            "every position; drop '@y,x' (positions are for feature visualization and per-example connections)"
-        )
-    get_layer(model, t.layer)
+    layer, channel = parse_neuron(target, "a weight figure shows the neuron's weights, the same at every position")
+    get_layer(model, layer)
     counts = channel_counts(model)
-    if t.layer not in counts:
-        raise ValueError(f"layer {t.layer!r} has no channels to pick from")
-    from ..layers import check_channel
-
-    check_channel(t.layer, t.channel, counts[t.layer])
-    return t.layer, t.channel
+    if layer not in counts:
+        raise ValueError(f"layer {layer!r} has no channels to pick from")
+    check_channel(layer, channel, counts[layer])
+    return layer, channel
 
 
 def _images(model: nn.Module, layer: str, channels: Sequence[int], render: Mapping[str, Any], cache: Any) -> dict[int, np.ndarray]:

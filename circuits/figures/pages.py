@@ -70,6 +70,7 @@ from tqdm.auto import tqdm
 
 from .._io import PathLike, atomic_write_text, check_writable
 from ..datasets import DATASET_TITLES, DATASETS, load_dataset, resolve_dataset
+from ..featurevis.settings import RenderSettings
 from ..layers import get_layer, parse_target
 from ..models import input_shape as model_input_shape
 from ..wiring import (
@@ -118,9 +119,9 @@ SAMPLE_PER_LAYER = 16
 
 
 #: Render settings that may be given as plain keyword arguments where page settings are taken
-#: (``build_pages(model, steps=256)``): they go into ``PageSettings.render``.
-RENDER_KEYS = ("steps", "seed", "size", "resize_to", "lr", "param", "decorrelate", "redirected_relu",
-                    "transforms", "mixed_precision", "channels_last")
+#: (``build_pages(model, steps=256)``): the fields of
+#: :class:`~circuits.featurevis.RenderSettings`; they go into ``PageSettings.render``.
+RENDER_KEYS = RenderSettings.field_names()
 
 
 def _default_render() -> dict[str, Any]:
@@ -142,8 +143,9 @@ class PageSettings:
         dataset_size: images of the data set scanned.
         n_examples: dataset examples per neuron (top and most negative each).
         n_outgoing: outgoing connections shown per downstream layer.
-        render: feature-visualization settings (keyword arguments of
-            :func:`circuits.featurevis.render`; default ``{"steps": 256}``).
+        render: feature-visualization settings: a :class:`~circuits.featurevis.RenderSettings`
+            or a mapping of some of its fields (default ``{"steps": 256}``; the rest keep the
+            page builder's defaults), validated when the settings are made.
         title: the site's title (default: the model class).
 
     Example:
@@ -173,13 +175,21 @@ class PageSettings:
             object.__setattr__(self, "dataset", None)
         if self.dataset not in (None, "auto") and self.dataset not in DATASETS:
             raise ValueError(f"dataset must be 'auto', None (or False) or one of {', '.join(DATASETS)}; got {self.dataset!r}")
+        if isinstance(self.render, RenderSettings):
+            object.__setattr__(self, "render", self.render.to_dict())
         if not isinstance(self.render, Mapping):
-            raise TypeError(f"render must be a mapping of render settings, got {type(self.render).__name__}")
+            raise TypeError(f"render must be a RenderSettings or a mapping of its fields, got {type(self.render).__name__}")
         bad = sorted(set(self.render) - set(RENDER_KEYS))
         if bad:
             raise ValueError(f"unknown render option(s) {bad}; known: {', '.join(RENDER_KEYS)}")
+        RenderSettings.from_dict(self.render)  # a bad value fails here, not in the middle of a run
         object.__setattr__(self, "factor_threshold", float(self.factor_threshold))
         object.__setattr__(self, "render", dict(self.render))
+
+    @property
+    def render_settings(self) -> RenderSettings:
+        """``render`` as a :class:`~circuits.featurevis.RenderSettings` (unset fields at their defaults)."""
+        return RenderSettings.from_dict(self.render)
 
     def __hash__(self) -> int:  # render is a dict
         return hash(repr(self.to_dict()))

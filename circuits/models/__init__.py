@@ -228,8 +228,11 @@ def input_shape(model: nn.Module) -> tuple[int, ...]:
 
 def device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where ``model`` computes and in which floating dtype: its first floating parameter's
-    device and dtype (a model without parameters: CPU, float32)."""
+    device and dtype (without parameters: its first floating buffer's; without either: CPU,
+    float32)."""
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is None:
+        p = next((b for b in model.buffers() if b.is_floating_point()), None)
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
