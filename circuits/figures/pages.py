@@ -84,8 +84,15 @@ from ..wiring import (
 )
 from .palette import diverging_rgb, to_uint8
 from .raster import colorbar_rgb, png_data_uri, save_image_png, save_png, tile_images
-from .sections import LayerConnections, NeuronConnections, connections_to, distinct_positions, layer_connections, \
-    layer_sections, output_connections
+from .sections import (
+    LayerConnections,
+    NeuronConnections,
+    connection_strengths,
+    connections_to,
+    distinct_positions,
+    layer_connections,
+    output_connections,
+)
 
 __all__ = [
     "PageSettings",
@@ -347,11 +354,7 @@ def outgoing_connections(
             given = (norms or {}).get(down, {}).get(up)
             if given is None:
                 found = connections_to(model, up, down, range(counts[down]), graph)
-                nm, sm = np.zeros((counts[down], counts[up])), np.zeros((counts[down], counts[up]))
-                for c, (w, _kind) in found.items():
-                    nm[c] = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(1))
-                    sm[c] = w.reshape(w.shape[0], -1).sum(1)
-                given = (nm, sm)
+                given = connection_strengths(found, counts[down], counts[up])
             pairs[(down, up)] = given
     for layer in full:
         if any(layer in upstream.get(d, ()) for d in full):
@@ -364,11 +367,7 @@ def outgoing_connections(
             pairs[(nxt, layer)] = output_connections(model, layer, nxt)
         else:
             found = connections_to(model, layer, nxt, range(counts[nxt]), graph)
-            nm, sm = np.zeros((counts[nxt], counts[layer])), np.zeros((counts[nxt], counts[layer]))
-            for c, (w, _kind) in found.items():
-                nm[c] = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(1))
-                sm[c] = w.reshape(w.shape[0], -1).sum(1)
-            pairs[(nxt, layer)] = (nm, sm)
+            pairs[(nxt, layer)] = connection_strengths(found, counts[nxt], counts[layer])
     out: dict[tuple[str, int], list[Link]] = {}
     for (down, up), (nm, sm) in pairs.items():
         if not (np.isfinite(nm).all() and np.isfinite(sm).all()):

@@ -36,6 +36,7 @@ __all__ = [
     "layer_connections",
     "layer_sections",
     "output_connections",
+    "connection_strengths",
     "distinct_positions",
     "group_by_factor",
 ]
@@ -275,6 +276,19 @@ def _sections_of(found: dict[int, tuple[np.ndarray, str]], channels: Sequence[in
     return out
 
 
+def connection_strengths(found: dict[int, tuple[np.ndarray, str]], n_out: int, n_in: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """``(norms, sums)``, each ``[n_out, n_in]``: the L2 and the signed sum of every weight
+    slice in ``found`` (:func:`connections_to`'s ``{channel: (weights [in, kh, kw], kind)}``);
+    ``0`` for channels it does not reach."""
+    norms, sums = np.zeros((n_out, n_in)), np.zeros((n_out, n_in))
+    for c, (w, _kind) in found.items():
+        flat = w.reshape(w.shape[0], -1)
+        norms[c] = np.sqrt((flat ** 2).sum(1))
+        sums[c] = flat.sum(1)
+    return norms, sums
+
+
 def layer_connections(
     model: nn.Module,
     layer: str,
@@ -303,11 +317,7 @@ def layer_connections(
     result = LayerConnections(layer, {c: [] for c in channels})
     for up in upstream:
         found = connections_to(model, up, layer, range(n_out), graph)
-        norms = np.zeros((n_out, counts[up]))
-        sums = np.zeros((n_out, counts[up]))
-        for c, (w, _kind) in found.items():
-            norms[c] = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(1))
-            sums[c] = w.reshape(w.shape[0], -1).sum(1)
+        norms, sums = connection_strengths(found, n_out, counts[up])
         kinds = {kind for _w, kind in found.values()}
         result.norms[up], result.sums[up] = norms, sums
         result.kinds[up] = kinds.pop() if len(kinds) == 1 else "mixed"
