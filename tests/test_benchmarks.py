@@ -14,3 +14,12 @@ def test_bench_nmf_runs_both_backends_and_reports_parity(capsys):
     assert set(out["ours_by_threads"]) == {"auto/1", "torch/1"}
     assert out["ratio_max"] <= 1.02  # every neuron within 2% of sklearn's error at the same budget
     assert out["speedup"] > 0 and out["torch_backend_s"] > 0
+
+
+def test_bench_startup_reports_the_cli_cold_start(capsys):
+    from benchmarks import bench_startup
+
+    out = bench_startup.main(["--repeat", "1"])
+    printed = capsys.readouterr().out
+    assert "circuits --help" in printed and "goal < 1.5 s" in printed
+    assert out["ours_s"] > 0 and out["peer_s"] > 0
