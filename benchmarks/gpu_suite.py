@@ -303,11 +303,23 @@ class SuiteResult:
     started: datetime.datetime
     seconds: float
     rows: list[Row] = field(default_factory=list)
+    parts: tuple[str, ...] = PART_NAMES
 
     @property
     def ok(self) -> bool:
         """No part raised or timed out (a missed goal is still ``ok``: it is a measurement)."""
         return all(r.verdict not in ("error", "timed out") for r in self.rows)
+
+
+def device_info(dev: torch.device) -> str:
+    """:func:`benchmarks.common.machine`, with the CPU count and, on CUDA, the GPU's memory,
+    compute capability and the CUDA version torch was built with."""
+    info = f"{machine()}, {os.cpu_count()} CPUs"
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        info += (f", {props.total_memory / 2**30:.0f} GiB GPU memory, compute capability {props.major}.{props.minor}, "
+                 f"CUDA {torch.version.cuda}")
+    return info
 
 
 def run_suite(preset: Optional[str] = None, device: Optional[str] = None, parts: Optional[Sequence[str]] = None) -> SuiteResult:
@@ -331,7 +343,7 @@ def run_suite(preset: Optional[str] = None, device: Optional[str] = None, parts:
     if unknown:
         raise ValueError(f"unknown part(s) {unknown}; parts: {list(PART_NAMES)}")
     started = datetime.datetime.now(datetime.timezone.utc)
-    result = SuiteResult(preset, str(dev), machine(), started, 0.0)
+    result = SuiteResult(preset, str(dev), device_info(dev), started, 0.0, parts=tuple(p for p in PART_NAMES if p in chosen))
     print(f"gpu suite: preset {preset} on {dev}; machine: {result.machine}", flush=True)
     t0 = time.perf_counter()
     for part in PARTS:
@@ -355,8 +367,9 @@ def section(result: SuiteResult) -> str:
     stamp = result.started.strftime("%Y-%m-%d %H:%M UTC")
     gpu_time = "" if result.preset != "gpu" else (
         f" (goal: at most {SUITE_BUDGET_S / 60:.0f} minutes: {'met' if result.seconds <= SUITE_BUDGET_S else 'missed'})")
+    parts = "" if result.parts == PART_NAMES else f" --parts {','.join(result.parts)}"
     return (f"\n## GPU suite — {stamp}, preset `{result.preset}` on `{result.device}`\n\n"
-            f"`python -m benchmarks --gpu-suite --preset {result.preset}`; machine: {result.machine}; "
+            f"`python -m benchmarks --gpu-suite --preset {result.preset}{parts}`; machine: {result.machine}; "
             f"whole suite {result.seconds:.0f} s{gpu_time}.\n\n{table(result)}\n")
 
 
