@@ -7,6 +7,7 @@ import datetime
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,22 @@ def test_gpu_suite_verdicts_budgets_and_errors():
         gpu_suite.run_suite("gpu", "cpu")
     with pytest.raises(ValueError, match="unknown part"):
         gpu_suite.run_suite("tiny", "cpu", ["nmf", "fft"])
+
+
+def test_bench_nmf_peer_subset_is_scaled_to_all_neurons(monkeypatch):
+    """With ``peer_neurons`` the sklearn loop sees only that many matrices and its time is scaled
+    by neurons ÷ peer_neurons (what the GPU suite uses to keep its large batches to minutes)."""
+    seen = []
+
+    def fake_peer(Xn, k, max_iter, tol, threads):
+        seen.append(len(Xn))
+        return 0.5, 0.25, np.full(len(Xn), 1.0)
+
+    monkeypatch.setattr(bench_nmf, "_sklearn_time", fake_peer)
+    out = bench_nmf.run("cpu", "tiny", threads=(1,), backends=("torch",), repeat=1, peer_neurons=4, verbose=False)
+    assert seen == [4, 4]
+    for row in out["rows"]:
+        assert row["peer_neurons"] == 4
+        assert row["sklearn_s"] == pytest.approx(0.5 * row["neurons"] / 4)
+        assert row["sklearn_cpu_s"] == pytest.approx(0.25 * row["neurons"] / 4)
+        assert row["speedup"]["torch/1"] == pytest.approx(row["sklearn_s"] / row["ours_s"]["torch/1"])
