@@ -222,7 +222,7 @@ PARTS: tuple[Part, ...] = (
     Part("nmf", Goal("≥ 50x", 50.0), {"gpu": 100, "tiny": 30}, _nmf),
     Part("expanded", Goal("≥ 10x", 10.0), {"gpu": 45, "tiny": 30}, _expanded),
     Part("featurevis", Goal("≥ 5x", 5.0), {"gpu": 130, "tiny": 30}, _featurevis),
-    Part("mixed3b", Goal("< 20 s (≥ 1x)", 1.0), {"gpu": 45, "tiny": 30}, _mixed3b),
+    Part("mixed3b", Goal("< 20 s (≥ 1x)", 1.0), {"gpu": 60, "tiny": 30}, _mixed3b),
     Part("atlas", Goal("0.7–1.3", 0.7, 1.3), {"gpu": 110, "tiny": 30}, _atlas),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
