@@ -1,7 +1,10 @@
 """Run benchmarks: ``python -m benchmarks`` (all) or ``python -m benchmarks truncated nmf``.
 
 Options after the names (``--threads 1``, ``--steps 32``...) are passed to every chosen
-benchmark: ``python -m benchmarks expanded --threads 1``."""
+benchmark: ``python -m benchmarks expanded --threads 1``.
+
+``python -m benchmarks --gpu-suite [--preset gpu|tiny] [--results PATH | --no-write]`` runs
+every GPU goal in one go (:mod:`benchmarks.gpu_suite`) and appends the table to RESULTS.md."""
 
 from __future__ import annotations
 
@@ -15,6 +18,11 @@ from .common import machine
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--gpu-suite" in argv:
+        from . import gpu_suite
+
+        argv.remove("--gpu-suite")
+        return gpu_suite.main(argv)
     first_option = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
     argv, options = argv[:first_option], argv[first_option:]
     here = Path(__file__).parent

@@ -40,9 +40,9 @@ import circuits.expanded as expanded_mod
 from circuits.expanded import Reference, connection_weights, expanded_weights, linearized
 from circuits.layers import capture, centre
 from circuits.layouts import get_layout
-from circuits.models import InceptionV1, load_model
+from circuits.models import InceptionV1, input_shape, load_model
 
-from .common import machine, report, timeit
+from .common import machine, report, synchronize, timeit
 
 
 def peer_loop(
@@ -51,7 +51,7 @@ def peer_loop(
     to_layer: str,
     channels: list[int],
     crop: int,
-    size: int = 224,
+    size: int | None = None,
     clock=time.perf_counter,
     references: torch.Tensor | None = None,
 ):
@@ -63,8 +63,12 @@ def peer_loop(
     Returns ``(weights [len(channels), in, crop, crop], prefix rows [len(channels), P, in]
     or None, forward_seconds, loop_seconds)``.
     """
-    inputs = [torch.zeros(1, 3, size, size)] if references is None else list(references.split(1))
-    source, target = (get_layout(model, name, (3, size, size)) for name in (from_layer, to_layer))
+    c, h, w = input_shape(model)
+    if size is not None:
+        h = w = size
+    dev = next(model.parameters()).device
+    inputs = [torch.zeros(1, c, h, w, device=dev)] if references is None else list(references.to(dev).split(1))
+    source, target = (get_layout(model, name, (c, h, w)) for name in (from_layer, to_layer))
     total, fwd, loop = None, 0.0, 0.0
     for x in inputs:
         t0 = clock()
@@ -91,6 +95,112 @@ def peer_loop(
     return g[..., y0 : y0 + crop, x0 : x0 + crop], prefix, fwd, loop
 
 
+def run(
+    model: "str | torch.nn.Module" = "inceptionv1",
+    from_layer: str = "mixed3a",
+    to_layer: str = "mixed3b",
+    *,
+    peer_channels: int = 48,
+    references: int = 4,
+    batch_size: int | None = None,
+    repeat: int = 3,
+    device: "str | torch.device" = "cpu",
+    verbose: bool = True,
+) -> dict:
+    """Time ours (cold: geometry search included) against the per-channel loop, extrapolated
+    from ``peer_channels`` channels to all of ``to_layer``'s; assert both give the same weights.
+
+    ``model``: ``"inceptionv1"`` (random init, seed 0), another name :func:`circuits.models.load_model`
+    knows, or a module. On a CUDA ``device`` every timing synchronizes first and last.
+    Returns :func:`benchmarks.common.report`'s dict (``speedup`` = peer ÷ ours, wall clock)
+    with the CPU-time ratio's parts, the warm time and the largest difference.
+
+    Example::
+
+        >>> out = run(device="cuda")              # doctest: +SKIP
+        >>> out["speedup"], out["max_abs_diff"]   # doctest: +SKIP
+    """
+    dev = torch.device(device)
+    if isinstance(model, str):
+        torch.manual_seed(0)
+        name = model
+        model = InceptionV1().eval() if name == "inceptionv1" else load_model(name)
+    else:
+        name = type(model).__name__
+    model = model.to(dev).eval()
+    src, dst = from_layer, to_layer
+    ref = Reference.noise(model, n=references)
+
+    def ours_cold() -> torch.Tensor:
+        expanded_mod._GEOMETRY_CACHE.clear()
+        return expanded_weights(model, src, dst, reference=ref, batch_size=batch_size)
+
+    ours = ours_cold()
+    conn = connection_weights(model, src, dst, channels=[0], reference=ref)
+    ref_images = ref.images.to(dev) if conn.frozen else None
+    if verbose:
+        print(f"{name} {src}→{dst} on {dev}: {len(conn.frozen)} frozen ops" + (f", reference {ref}" if conn.frozen else ""))
+    n_out, _, kh, _ = ours.shape
+    subset = list(range(0, n_out, max(1, n_out // peer_channels)))[:peer_channels]
+    clock = _synchronized(time.perf_counter, dev)
+    peer, peer_prefix, fwd_s, loop_s = peer_loop(model, src, dst, subset, crop=kh, clock=clock, references=ref_images)
+    torch.testing.assert_close(ours[subset], peer, atol=1e-5 * float(peer.abs().max()), rtol=0)
+    max_diff = float((ours[subset] - peer).abs().max())
+    if peer_prefix is not None:  # a token layer: the class-token rows agree too
+        prefix = connection_weights(model, src, dst, channels=subset, reference=ref).prefix_weights
+        torch.testing.assert_close(prefix, peer_prefix, atol=1e-5 * float(peer_prefix.abs().max()), rtol=0)
+
+    # timing: the peer's loop is extrapolated from len(subset) to n_out channels
+    peer_runs = [peer_loop(model, src, dst, subset, crop=kh, clock=clock, references=ref_images)[2:]
+                 for _ in range(repeat - 1)]
+    fwd_s = min([fwd_s, *(r[0] for r in peer_runs)])
+    loop_s = min([loop_s, *(r[1] for r in peer_runs)])
+    peer_total = fwd_s + loop_s * n_out / len(subset)
+    ours_s = timeit(ours_cold, repeat=repeat, warmup=0)
+    warm_s = timeit(lambda: expanded_weights(model, src, dst, reference=ref, batch_size=batch_size), repeat=repeat, warmup=1)
+    # CPU time of this process: robust to other processes sharing the machine
+    _, _, fwd_c, loop_c = peer_loop(model, src, dst, subset, crop=kh, clock=_synchronized(time.process_time, dev),
+                                    references=ref_images)
+    peer_cpu = fwd_c + loop_c * n_out / len(subset)
+    synchronize(dev)
+    c0 = time.process_time()
+    ours_cold()
+    synchronize(dev)
+    ours_cpu = time.process_time() - c0
+    if verbose:
+        print(f"CPU time: peer (extrapolated) {peer_cpu:.2f} s, ours cold {ours_cpu:.3f} s, ratio x{peer_cpu / ours_cpu:.1f}")
+        print(f"machine: {machine()}")
+        print(
+            f"peer: forward {fwd_s:.3f} s + {len(subset)}-channel loop {loop_s:.3f} s, extrapolated "
+            f"linearly to {n_out} channels = {peer_total:.2f} s; ours warm (geometry cached): {warm_s:.3f} s; "
+            f"weights {tuple(ours.shape)}, max |ours - peer| = {max_diff:.2e} (max |w| = {float(peer.abs().max()):.2e})"
+        )
+    result = report(
+        f"expanded weights {src}→{dst}, {n_out} channels, cropped {kh}x{kh}",
+        "per-channel backward loop (captum optim branch), full-size input",
+        peer_total,
+        ours_s,
+        extra=f"peer timed on {len(subset)} channels and extrapolated; ours cold incl. geometry search",
+    )
+    result.update(
+        peer_cpu_s=peer_cpu, ours_cpu_s=ours_cpu, warm_s=warm_s, peer_forward_s=fwd_s,
+        peer_loop_subset_s=loop_s, max_abs_diff=max_diff, channels=n_out, peer_channels=len(subset), device=str(dev),
+    )
+    return result
+
+
+def _synchronized(clock, device: torch.device):
+    """``clock`` that first waits for the GPU's queued work (so that a reading covers it)."""
+    if device.type != "cuda":
+        return clock
+
+    def read() -> float:
+        synchronize(device)
+        return clock()
+
+    return read
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--from-layer", default="mixed3a")
@@ -101,68 +211,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--references", type=int, default=4, help="smooth-noise reference images (frozen paths)")
     p.add_argument("--batch-size", type=int, default=None, help="output channels per backward pass (ours)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each side")
+    p.add_argument("--device", default="cpu", help="where both run (e.g. cuda)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = InceptionV1().eval() if args.model == "inceptionv1" else load_model(args.model)
-    src, dst = args.from_layer, args.to_layer
-    ref = Reference.noise(model, n=args.references)
-
-    def ours_cold() -> torch.Tensor:
-        expanded_mod._GEOMETRY_CACHE.clear()
-        return expanded_weights(model, src, dst, reference=ref, batch_size=args.batch_size)
-
-    ours = ours_cold()
-    conn = connection_weights(model, src, dst, channels=[0], reference=ref)
-    references = ref.images if conn.frozen else None
-    print(f"{args.model} {src}→{dst}: {len(conn.frozen)} frozen ops" + (f", reference {ref}" if conn.frozen else ""))
-    n_out, _, kh, _ = ours.shape
-    subset = list(range(0, n_out, max(1, n_out // args.peer_channels)))[: args.peer_channels]
-    peer, peer_prefix, fwd_s, loop_s = peer_loop(model, src, dst, subset, crop=kh, references=references)
-    torch.testing.assert_close(ours[subset], peer, atol=1e-5 * float(peer.abs().max()), rtol=0)
-    max_diff = float((ours[subset] - peer).abs().max())
-    if peer_prefix is not None:  # a token layer: the class-token rows agree too
-        prefix = connection_weights(model, src, dst, channels=subset, reference=ref).prefix_weights
-        torch.testing.assert_close(prefix, peer_prefix, atol=1e-5 * float(peer_prefix.abs().max()), rtol=0)
-
-    # timing: the peer's loop is extrapolated from len(subset) to n_out channels
-    peer_runs = [peer_loop(model, src, dst, subset, crop=kh, references=references)[2:] for _ in range(args.repeat - 1)]
-    fwd_s = min([fwd_s, *(r[0] for r in peer_runs)])
-    loop_s = min([loop_s, *(r[1] for r in peer_runs)])
-    peer_total = fwd_s + loop_s * n_out / len(subset)
-    ours_s = timeit(ours_cold, repeat=args.repeat, warmup=0)
-    warm_s = timeit(
-        lambda: expanded_weights(model, src, dst, reference=ref, batch_size=args.batch_size), repeat=args.repeat, warmup=1
-    )
-    # CPU time of this process: robust to other processes sharing the machine
-    _, _, fwd_c, loop_c = peer_loop(model, src, dst, subset, crop=kh, clock=time.process_time, references=references)
-    peer_cpu = fwd_c + loop_c * n_out / len(subset)
-    c0 = time.process_time()
-    ours_cold()
-    ours_cpu = time.process_time() - c0
-    print(
-        f"CPU time: peer (extrapolated) {peer_cpu:.2f} s, ours cold {ours_cpu:.3f} s, "
-        f"ratio x{peer_cpu / ours_cpu:.1f}"
-    )
-    print(f"machine: {machine()}")
-    print(
-        f"peer: forward {fwd_s:.3f} s + {len(subset)}-channel loop {loop_s:.3f} s, extrapolated "
-        f"linearly to {n_out} channels = {peer_total:.2f} s; ours warm (geometry cached): {warm_s:.3f} s; "
-        f"weights {tuple(ours.shape)}, max |ours - peer| = {max_diff:.2e} (max |w| = {float(peer.abs().max()):.2e})"
-    )
-    result = report(
-        f"expanded weights {src}→{dst}, {n_out} channels, cropped {kh}x{kh}",
-        "per-channel backward loop (captum optim branch), 224 px",
-        peer_total,
-        ours_s,
-        extra=f"peer timed on {len(subset)} channels and extrapolated; ours cold incl. geometry search",
-    )
-    result.update(
-        peer_cpu_s=peer_cpu, ours_cpu_s=ours_cpu, warm_s=warm_s, peer_forward_s=fwd_s,
-        peer_loop_subset_s=loop_s, max_abs_diff=max_diff,
-    )
-    return result
+    return run(args.model, args.from_layer, args.to_layer, peer_channels=args.peer_channels, references=args.references,
+               batch_size=args.batch_size, repeat=args.repeat, device=args.device)
 
 
 if __name__ == "__main__":

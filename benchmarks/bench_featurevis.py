@@ -47,7 +47,7 @@ from circuits.featurevis import RenderSettings, cache_requests, objective_values
 from circuits.featurevis.transforms import default_transforms
 from circuits.models import InceptionV1, input_shape
 
-from .common import report
+from .common import peak_memory_mib, report, reset_peak_memory, synchronize
 
 #: Configurations of ours that are timed: the library defaults, and shipped options. A
 #: configuration that resolves to the same render as an earlier one (e.g. the defaults at 28 px
@@ -124,6 +124,7 @@ class TargetSet:
     channels: list[int]
     size: int
     lucent_kw: dict
+    resize_to: Optional[int] = None  # None: the model's input size
 
     @property
     def targets(self) -> list[str]:
@@ -131,12 +132,21 @@ class TargetSet:
 
     @property
     def resize(self) -> int:
-        return input_shape(self.ours)[1]
+        return self.resize_to or input_shape(self.ours)[1]
+
+    def settings(self, **changes: object) -> RenderSettings:
+        """Our render settings for this problem (its image size and resize), with ``changes``."""
+        return RenderSettings(size=self.size, resize_to=self.resize_to).replace(**changes)
 
 
-def inceptionv1_set(n: int) -> TargetSet:
+def inceptionv1_set(n: int, size: int = 128, resize_to: Optional[int] = None,
+                    device: "str | torch.device" = "cpu") -> TargetSet:
+    """``n`` ``mixed4a`` channels of random-init InceptionV1, ``size`` px images resized to
+    ``resize_to`` (default 224, as Lucent does), both models on ``device`` (Lucent renders on
+    ``cuda:0`` whenever CUDA is available, so use ``"cuda:0"`` there)."""
     ours, theirs = models()
-    return TargetSet("inceptionv1", ours, theirs, "mixed4a", list(range(n)), 128, {})
+    kw = {} if resize_to is None else {"fixed_image_size": resize_to}
+    return TargetSet("inceptionv1", ours.to(device), theirs.to(device), "mixed4a", list(range(n)), size, kw, resize_to)
 
 
 def fashion_set(n: int) -> TargetSet:
@@ -188,7 +198,7 @@ def time_to_quality(ts: TargetSet, steps: int, every: int, ladder: Sequence[int]
     render(ts.ours, targets[:1], steps=1, size=ts.size, progress=False)  # warm-up (allocator, FFT plans)
     seen: dict[str, str] = {}
     for name, kw in configs.items():
-        settings = RenderSettings(size=ts.size).replace(**kw)
+        settings = ts.settings(**kw)
         request = json.dumps(cache_requests(ts.ours, targets[:1], settings.replace(steps=1))[0], sort_keys=True, default=str)
         if request in seen:
             print(f"[featurevis {ts.name}] circuits {name}: the same render as {seen[request]!r}", flush=True)
@@ -219,6 +229,75 @@ def time_to_quality(ts: TargetSet, steps: int, every: int, ladder: Sequence[int]
     if grid is not None:
         _save_grid(grid, ts, out)
     return out
+
+
+def equal_steps(ts: TargetSet, steps: int = 512, config: str = "defaults") -> dict:
+    """Lucent batched (all targets in one ``render_vis`` batch) and ours (``config`` of
+    :data:`CONFIGS`), the same number of ``steps``, on the models' device; the throughput goal
+    of issue 9 (on a GPU: ours at least 5x Lucent batched at B = 128).
+
+    Both are warmed up (2 steps) first; on CUDA the clocks are read after synchronizing. Returns
+    ``report``'s dict (``speedup`` = Lucent ÷ ours) with ``lucent_median`` and ``ours_median``
+    (median objective of the final images, evaluated alike: ours should be at least as good) and
+    ``ours_peak_mib`` (``torch.cuda.max_memory_allocated`` during our render; ``None`` on the CPU).
+
+    Example::
+
+        >>> out = equal_steps(inceptionv1_set(128, device="cuda:0"))   # doctest: +SKIP
+        >>> out["speedup"]                                              # doctest: +SKIP
+    """
+    dev = next(ts.ours.parameters()).device
+    lucent_dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if dev != lucent_dev:
+        raise ValueError(f"Lucent renders on {lucent_dev} on this machine (cuda:0 whenever CUDA is available); "
+                         f"the models are on {dev}: build the target set with device={str(lucent_dev)!r}")
+    targets = ts.targets
+    settings = ts.settings(**CONFIGS[config])
+    lucent_batched(ts.lucent, ts.layer, ts.channels, 2, ts.size, **ts.lucent_kw)  # warm-up: kernels, allocator
+    render(ts.ours, targets, settings.replace(steps=2), progress=False)
+    synchronize(dev)
+    t0 = time.perf_counter()
+    lucent_imgs = lucent_batched(ts.lucent, ts.layer, ts.channels, steps, ts.size, **ts.lucent_kw)
+    synchronize(dev)
+    t_lucent = time.perf_counter() - t0
+    reset_peak_memory(dev)
+    t0 = time.perf_counter()
+    res = render(ts.ours, targets, settings.replace(steps=steps), progress=False)
+    synchronize(dev)
+    t_ours = time.perf_counter() - t0
+    peak = peak_memory_mib(dev)
+    lucent_median = _median(ts.ours, targets, lucent_imgs, ts.resize)
+    ours_median = _median(ts.ours, targets, res.images, ts.resize)
+    out = report(f"featurevis {ts.name}, {len(targets)} x {ts.layer}, {steps} steps", f"lucent batched (B={len(targets)})",
+                 t_lucent, t_ours, extra=f"ours {config}; median objective ours {ours_median:.4f} vs Lucent {lucent_median:.4f}"
+                 + (f"; ours peak GPU memory {peak:.0f} MiB" if peak is not None else ""))
+    out.update(lucent_median=lucent_median, ours_median=ours_median, ours_peak_mib=peak, steps=steps,
+               batch=len(targets), device=str(dev))
+    return out
+
+
+def layer_render_time(model: torch.nn.Module, layer: str, channels: Sequence[int], steps: int = 512,
+                      size: Optional[int] = None, resize_to: Optional[int] = None) -> dict:
+    """Wall time of rendering ``channels`` of ``layer`` with the library defaults in one
+    :func:`render` call, on the model's device (issue 9's goal on a GPU: all 480 ``mixed3b``
+    channels of InceptionV1 at 512 steps in under 20 s). Warmed up first (2 steps on a few of
+    the targets); returns ``{"seconds", "neurons", "steps", "median", "peak_mib"}``.
+
+    Example::
+
+        >>> layer_render_time(InceptionV1().cuda(), "mixed3b", range(480))["seconds"]   # doctest: +SKIP
+    """
+    dev = next(model.parameters()).device
+    targets = [f"{layer}:{c}" for c in channels]
+    settings = RenderSettings(size=size, resize_to=resize_to)
+    render(model, targets[:8], settings.replace(steps=2), progress=False)
+    reset_peak_memory(dev)
+    t0 = time.perf_counter()
+    res = render(model, targets, settings.replace(steps=steps), progress=False)
+    synchronize(dev)
+    seconds = time.perf_counter() - t0
+    median = float(res.objective_values.median())  # render raises on non-finite values
+    return {"seconds": seconds, "neurons": len(targets), "steps": steps, "median": median, "peak_mib": peak_memory_mib(dev)}
 
 
 def _save_grid(path: Path, ts: TargetSet, out: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import platform
 import statistics
 import time
@@ -39,3 +40,32 @@ def report(name: str, peer_label: str, peer_s: float, ours_s: float, unit: str =
         line += f" | {extra}"
     print(line, flush=True)
     return {"name": name, "peer": peer_label, "peer_s": peer_s, "ours_s": ours_s, "speedup": ratio}
+
+
+def synchronize(device: "torch.device | str | None" = None) -> None:
+    """Wait for queued GPU work on ``device`` (every CUDA device when ``None``) before reading a
+    clock; nothing on the CPU."""
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize(dev)
+
+
+def reset_peak_memory(device: "torch.device | str") -> None:
+    """Start counting the peak GPU memory of ``device`` afresh, after handing the allocator's
+    cached blocks back (so that code sizing its batches by the free memory sees all of it);
+    nothing on the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def peak_memory_mib(device: "torch.device | str") -> "float | None":
+    """``torch.cuda.max_memory_allocated`` in MiB since :func:`reset_peak_memory`; ``None`` on the CPU."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    torch.cuda.synchronize(dev)
+    return torch.cuda.max_memory_allocated(dev) / 2**20

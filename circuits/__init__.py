@@ -57,7 +57,7 @@ _EXPORTS: dict[str, str] = {
     "render": "featurevis", "variable_names": "featurevis", "RenderResult": "featurevis",
     "dataset_examples": "featurevis", "FeatureVisCache": "featurevis",
     # figures
-    "build_pages": "figures", "PageSettings": "figures",
+    "build_pages": "figures", "PageSettings": "figures", "NeuronCard": "figures", "neuron_card": "figures",
 }
 _SUBMODULES = ("expanded", "featurevis", "figures", "layers", "layouts", "models", "nmf", "wiring", "inspect", "atlas")
 
@@ -93,7 +93,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         top_inputs,
     )
     from .featurevis import FeatureVisCache, RenderResult, dataset_examples, render, variable_names
-    from .figures import PageSettings, build_pages
+    from .figures import NeuronCard, PageSettings, build_pages, neuron_card
     from .layers import (
         AmbiguousLayerError,
         LayerInfo,

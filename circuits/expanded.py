@@ -1887,6 +1887,11 @@ class Connection:
         >>> v = connection_weights(vit, "encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1")  # doctest: +SKIP
         >>> v.weights.shape, v.prefix_weights.shape, v.class_token_weights.shape  # doctest: +SKIP
         ((32, 32, 4, 4), (32, 1, 32), (32, 32))
+
+    In a notebook it shows itself (``_repr_html_``): for each output channel (at most 8), its
+    8 strongest inputs (L2) as red/blue weight maps (red excites, blue inhibits, one scale per
+    row), thumbnails inlined as PNG; non-finite weights are flagged in red; the HTML stays
+    under 200 KB (:mod:`circuits._display`).
     """
 
     weights: torch.Tensor
@@ -1899,6 +1904,40 @@ class Connection:
     reference: Optional[Reference] = None
     prefix_weights: Optional[torch.Tensor] = None
     to_token: Optional[int] = None
+
+    def _title(self) -> str:
+        return f"{self.from_layer} → {self.to_layer} ({self.kind}), weights {tuple(self.weights.shape)}"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython's text/plain: one line, not every tensor
+        p.text(f"{type(self).__name__}({self._title()})")
+
+    def _repr_html_(self) -> str:
+        from . import _display as D
+
+        w = self.weights.detach().float().cpu()
+        out = w.shape[0]
+        budget, shown = D.HtmlBudget(), min(out, 8)
+        if w.dim() == 4:
+            top = top_inputs(torch.nan_to_num(w, nan=0.0), 8)
+            for j in range(shown):
+                ch = self.channels[j] if self.channels is not None else j
+                limit = D.shared_limit(w[j, top.indices[j]])
+                cells = [(D.weights_html(w[j, int(i)], limit, alt=f"{self.from_layer}:{int(i)}"), f"{self.from_layer}:{int(i)}\n{float(n):.3g}")
+                         for i, n in zip(top.indices[j], top.norms[j])]
+                row = f"<div><b>{D.value_html(f'{self.to_layer}:{ch}')}</b> &larr; top {len(cells)} of {w.shape[1]} inputs{D.tile(cells)}</div>"
+                if not budget.add(row):
+                    budget.skip(shown - j - 1)
+                    break
+            budget.skip(out - shown)
+        else:
+            budget.add(D.tile([(D.weights_html(w.reshape(out, -1), size=192, alt="weights"), "[out, in]")]))
+        notes = [f"policy: {self.policy}"]
+        if self.frozen:
+            notes.append(f"{len(self.frozen)} op(s) frozen at the reference ({self.reference}): "
+                         + "; ".join(str(f) for f in self.frozen[:4]) + (" ..." if len(self.frozen) > 4 else ""))
+        if self.prefix_weights is not None:
+            notes.append(f"prefix-token rows: {tuple(self.prefix_weights.shape)}")
+        return D.container("Connection", self._title(), budget, notes, D.nan_flag(*D.count_nonfinite(w), what="weights"))
 
     @property
     def class_token_weights(self) -> torch.Tensor:

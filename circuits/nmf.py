@@ -1028,6 +1028,11 @@ class NeuronFactors:
     (they carry the scale). ``explained [out]`` and ``rel_error [out]`` (see the module doc),
     ``neurons [out]`` the output-channel indices factored, ``n_iter [out]``.
     Factors are ordered by their share of the reconstruction, largest first (R, G, B).
+
+    In a notebook it shows itself (``_repr_html_``): one row per neuron (at most 32) with the
+    NMF picture (the first three maps as R, G, B, a thumbnail inlined as PNG), the explained
+    fraction and each factor's strongest input channels; non-finite values are flagged in red;
+    the HTML stays under 200 KB (:mod:`circuits._display`).
     """
 
     spatial: torch.Tensor
@@ -1037,9 +1042,43 @@ class NeuronFactors:
     neurons: torch.Tensor
     n_iter: torch.Tensor
 
+    def _title(self) -> str:
+        out, k, kh, kw = self.spatial.shape
+        return f"{out} neuron(s), {k} factor(s) of {kh}x{kw} kernels over {self.loadings.shape[-1]} inputs"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython's text/plain: one line, not every tensor
+        p.text(f"{type(self).__name__}({self._title()})")
+
+    def _repr_html_(self) -> str:
+        from . import _display as D
+
+        out, k, kh, kw = self.spatial.shape
+        budget, shown = D.HtmlBudget(), min(out, 32)
+        rows = []
+        for j in range(shown):
+            sp = self.spatial[j, :3]
+            pic = D.rgb_html(factors_rgb(sp), alt=f"neuron {int(self.neurons[j])}") if bool(torch.isfinite(sp).all()) \
+                else D.nan_flag(*D.count_nonfinite(sp), what="spatial maps")
+            rows.append([pic, int(self.neurons[j]), float(self.explained[j])]
+                        + [_top_channels_html(self.loadings[j, f]) for f in range(min(k, 3))])
+        cols = ["NMF (R, G, B)", "neuron", "explained"] + ["factor " + "RGB"[f] + ": top inputs" for f in range(min(k, 3))]
+        budget.add(D.table_html(cols, rows, raw=[0] + list(range(3, 3 + min(k, 3)))))
+        budget.skip(out - shown)
+        flag = D.nan_flag(*D.count_nonfinite(self.loadings), what="loadings")
+        return D.container("NeuronFactors", self._title(), budget, flag=flag)
+
     def reconstruct(self) -> torch.Tensor:
         """Signed approximation of the weights ``[out, in, kh, kw]`` = Σ_k loadings ⊗ spatial."""
         return torch.einsum("okc,okyx->ocyx", self.loadings, self.spatial)
+
+
+def _top_channels_html(loading: torch.Tensor, n: int = 4) -> str:
+    """The ``n`` largest ``|loading|`` channels of a ``[in]`` vector as ``"12 (+0.31), 5 (-0.2)"``."""
+    from . import _display as D
+
+    v = loading.detach().float().cpu()
+    order = torch.nan_to_num(v.abs(), nan=float("inf")).argsort(descending=True, stable=True)[:n]
+    return ", ".join(f"{int(c)} ({D.value_html(float(v[c]), 2)})" for c in order)
 
 
 def _select(w: torch.Tensor, neurons: Optional[Sequence[int]], n: int) -> torch.Tensor:
@@ -1146,6 +1185,11 @@ class FamilyFactors:
     ``explained``/``rel_error``: floats for the whole family. ``neurons [out]``: the indices
     factored. ``dominant [out]``: each neuron's factor with the largest ``|loading|`` (L2 over
     space) — the order for factor-ordered small multiples. Factors are ordered by share.
+
+    In a notebook it shows itself (``_repr_html_``): each direction's strongest input channels,
+    then one row per neuron (at most 32) with its dominant factor and its loading maps as
+    red/blue thumbnails inlined as PNG (one colour scale for all); non-finite values are
+    flagged in red; the HTML stays under 200 KB (:mod:`circuits._display`).
     """
 
     directions: torch.Tensor
@@ -1155,6 +1199,36 @@ class FamilyFactors:
     neurons: torch.Tensor
     dominant: torch.Tensor
     n_iter: int
+
+    def _title(self) -> str:
+        return (f"{self.directions.shape[0]} direction(s) over {self.directions.shape[1]} inputs, "
+                f"{self.loadings.shape[0]} neuron(s); explained {self.explained:.3g}")
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython's text/plain: one line, not every tensor
+        p.text(f"{type(self).__name__}({self._title()})")
+
+    def _repr_html_(self) -> str:
+        from . import _display as D
+
+        k = self.directions.shape[0]
+        budget = D.HtmlBudget()
+        budget.add(D.table_html(["factor", "top input channels (weight)"],
+                                [[f, _top_channels_html(self.directions[f])] for f in range(k)], raw=[1]))
+        out, shown = self.loadings.shape[0], min(self.loadings.shape[0], 32)
+        limit = D.shared_limit(self.loadings)
+        rows = []
+        for j in range(shown):
+            if self.loadings.ndim == 4:
+                maps = [D.weights_html(self.loadings[j, f], limit, alt=f"factor {f}") for f in range(k)]
+            else:
+                maps = [D.value_html(float(self.loadings[j, f])) for f in range(k)]
+            rows.append([int(self.neurons[j]), int(self.dominant[j])] + maps)
+        budget.add(D.table_html(["neuron", "dominant"] + [f"loading {f}" for f in range(k)], rows,
+                                raw=range(2, 2 + k)))
+        budget.skip(out - shown)
+        flag = D.nan_flag(*D.count_nonfinite(self.directions), what="directions") + D.nan_flag(
+            *D.count_nonfinite(self.loadings), what="loadings")
+        return D.container("FamilyFactors", self._title(), budget, flag=flag)
 
     def reconstruct(self) -> torch.Tensor:
         """Signed approximation of the family's weights, ``[out, in, kh, kw]`` or ``[out, in]``."""

@@ -1,14 +1,22 @@
-"""Build and execute ``notebooks/walkthrough.ipynb``: a guided research walkthrough, committed with its outputs.
+"""Build and execute the notebooks under ``notebooks/``, committed with their outputs.
 
-The notebook's cells are written here (so the notebook is reviewed as code) and executed
-with nbclient on the venv's ``python3`` kernel; the executed notebook (outputs included,
-PNG figures at 72 dpi) replaces ``notebooks/walkthrough.ipynb`` atomically.
+One walkthrough per audience, each a list of cells written here (so a notebook is reviewed
+as code), executed with nbclient on the venv's ``python3`` kernel; the executed notebook
+(outputs included, PNG figures at 72 dpi) replaces the committed one atomically:
 
-    python experiments/make_notebook.py                    # 256-step feature visualizations (cached)
-    python experiments/make_notebook.py --steps 2 --out /tmp/walkthrough.ipynb   # quick check
+- ``walkthrough`` — the article's claims on the bundled model, each against a control;
+- ``own_model`` — your own torchvision model (ResNet-18, random init): layer names, NMF,
+  expanded weights across a block, a short render, a figure; results shown by their HTML reprs;
+- ``inspect_checkpoint`` — weight inspection of a checkpoint file: statistics, dead units and
+  sparsity, histograms, a diff against a perturbed copy, and one neuron's card.
 
-``CIRCUITS_NOTEBOOK_STEPS`` sets the feature-visualization budget inside the notebook
-(``--steps`` sets it); ``tests/test_notebook.py`` runs the same cells with 2 steps.
+    python experiments/make_notebook.py                               # all three
+    python experiments/make_notebook.py --notebook own_model          # one
+    python experiments/make_notebook.py --notebook walkthrough --steps 2 --out /tmp/walkthrough.ipynb   # quick check
+
+``CIRCUITS_NOTEBOOK_STEPS`` sets the feature-visualization budget inside a notebook
+(``--steps`` sets it; default 256 for the walkthrough, 32 for the others);
+``tests/test_notebook.py`` runs the same cells with 2 steps.
 """
 
 from __future__ import annotations
@@ -243,14 +251,185 @@ print(f"\\n{sum(bool(c.beats) for c in claims)} of {len(claims)} claims beat the
 ]
 
 
-def build():
-    """The notebook (nbformat v4) with the cells above, not executed."""
+OWN_MODEL_CELLS: list[tuple[str, str]] = [
+    ("markdown", """# Your own model: a torchvision ResNet-18
+
+Every tool of `circuits` takes any `torch.nn.Module` and its own layer names. This notebook
+runs them on a **torchvision ResNet-18 with random initialisation** (`weights=None`: nothing
+is downloaded). Random weights have no features worth naming, so read this as *how to call
+and read each tool*; on a trained model (`resnet18(weights="DEFAULT")`, or your checkpoint
+loaded with `circuits.load_weights`) the same cells show the real thing.
+
+Each result is shown by its own notebook display (an HTML card with small inlined PNGs),
+so ending a cell with the result is enough.
+
+*Regenerate:* `python experiments/make_notebook.py --notebook own_model`."""),
+    ("code", """import os, warnings
+warnings.filterwarnings("ignore", message="IProgress not found")
+import torch
+import torchvision
+
+import circuits
+from circuits.figures import neuron_figure
+
+STEPS = int(os.environ.get("CIRCUITS_NOTEBOOK_STEPS", "32"))     # feature-visualization budget
+torch.manual_seed(0)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+model = torchvision.models.resnet18(weights=None).eval()         # random init: no download
+print("render steps:", STEPS)
+print(type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,} parameters (random init)")"""),
+    ("markdown", """## 1. Layer names
+
+Layer names are the model's own module names (`layer1.0.conv2`); a module that runs twice in
+one forward pass gets `name#1`, `name#2` (ResNet's shared `relu`). `list_layers` adds each
+layer's output shape for an input size; 64x64 keeps this notebook fast."""),
+    ("code", """rows = circuits.list_layers(model, input_shape=(3, 64, 64))
+for r in rows:
+    if r.name.startswith("layer1.0") or r.name in ("conv1", "maxpool", "layer1", "layer2", "layer3", "layer4", "fc"):
+        print(f"{r.name:18s} {r.type:12s} {str(r.output_shape):16s} {r.n_params:>9,} params")
+print(f"... {len(rows)} rows in all")"""),
+    ("markdown", """## 2. NMF of a convolution
+
+One-sided NMF of each neuron's weights `[in, kh, kw]`: three spatial factors (drawn as R, G,
+B) and their signed loadings on the 64 input channels. The display shows the picture, how
+much of the weights the factors explain, and each factor's strongest inputs."""),
+    ("code", """factors = circuits.neuron_factors(circuits.get_layer(model, "layer1.0.conv2"), 3, neurons=range(8))
+factors"""),
+    ("markdown", """## 3. Expanded weights across a residual block
+
+`layer1.0 → layer1.1` is a whole block (two convs, batch norm, ReLUs and the skip
+connection): not one kernel. `connection_weights` linearises the path (here at a 64x64
+input) and returns the expanded weights; the display shows each output channel's strongest
+inputs as red (excite) / blue (inhibit) maps and says what was frozen on the way."""),
+    ("code", """conn = circuits.connection_weights(model, "layer1.0", "layer1.1", channels=[0, 1, 2], input_shape=(3, 64, 64))
+conn"""),
+    ("markdown", """## 4. A short render
+
+Feature visualizations ("variable names"): an image optimised to excite a neuron. `size`
+is the image, `resize_to` the size the model sees (ResNet-18 would otherwise see 224x224).
+With random weights and few steps these are not meaningful pictures, only the mechanics."""),
+    ("code", """result = circuits.render(model, ["layer2.1:3", "layer2.1:5"], steps=STEPS, size=64, resize_to=64,
+                         progress=False, cache=None)
+result"""),
+    ("markdown", """## 5. A small-multiples figure
+
+The figures return a `FigureResult` (the matplotlib figure and the arrays drawn), shown
+inline; `.save("fig.png")` writes it. Here: the 8 strongest input slices of one neuron."""),
+    ("code", """fig = neuron_figure(model, "heatmap", "layer1.1.conv1:0", upstream="layer1.0", top=8)
+fig"""),
+]
+
+
+INSPECT_CELLS: list[tuple[str, str]] = [
+    ("markdown", """# Weight inspection of a checkpoint
+
+`circuits.inspect` reads a checkpoint file tensor by tensor, without the model's code:
+statistics per tensor with flags, dead units and sparsity, histograms, and a diff between
+two checkpoints. Here the checkpoint is written in the notebook from the bundled model
+(`circuits.load_model()`, FashionInception trained on Fashion-MNIST), next to a *perturbed*
+copy with three known defects — so every check has something real to find:
+
+- two filters of `conv2d2` set to zero (dead units),
+- one weight of `mixed4a_3x3_pre_relu_conv` set to NaN,
+- 1% noise on the logits layer.
+
+*Regenerate:* `python experiments/make_notebook.py --notebook inspect_checkpoint`."""),
+    ("code", """import os, tempfile, warnings
+from pathlib import Path
+warnings.filterwarnings("ignore", message="IProgress not found")
+import torch
+
+import circuits
+from circuits.inspect import checkpoint_stats, diff_checkpoints, plot_histograms
+
+STEPS = int(os.environ.get("CIRCUITS_NOTEBOOK_STEPS", "32"))
+torch.manual_seed(0)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+model = circuits.load_model()
+os.chdir(tempfile.mkdtemp(prefix="circuits-notebook-"))         # the files are written here, outside the repository
+original = Path("fashion-inception.pth")
+torch.save(model.state_dict(), original)
+
+state = {k: v.clone() for k, v in model.state_dict().items()}
+state["conv2d2_pre_relu_conv.weight"][[5, 17]] = 0.0
+state["mixed4a_3x3_pre_relu_conv.weight"][3, 0, 1, 1] = float("nan")
+state["logits.weight"] += 0.01 * state["logits.weight"].std() * torch.randn_like(state["logits.weight"])
+perturbed = Path("perturbed.pth")
+torch.save(state, perturbed)
+print("render steps:", STEPS)
+print(f"wrote {original.name} ({original.stat().st_size / 1e6:.1f} MB) and {perturbed.name}")"""),
+    ("markdown", """## 1. Statistics of every tensor
+
+One row per tensor (batch-norm buffers included, when a model has them): moments, norms,
+the spectral norm, the share of near-zero weights, dead units, NaN/Inf counts and flags.
+The trained checkpoint first:"""),
+    ("code", """stats = checkpoint_stats(original)
+stats"""),
+    ("markdown", """## 2. Dead units and sparsity
+
+The same table for the perturbed copy: the zeroed filters show up as dead units, the NaN is
+counted (and flagged in red) — statistics are computed on the finite values, never silently
+on NaN."""),
+    ("code", """broken = checkpoint_stats(perturbed)
+for row in broken:
+    if row.dead_units or row.n_nan or row.n_inf:
+        print(f"{row.name}: dead units {row.dead_units}, NaN {row.n_nan} (in units {row.nan_units}), Inf {row.n_inf}")
+sparse = sorted(broken, key=lambda r: -r.near_zero)[:3]
+print("most near-zero weights:", ", ".join(f"{r.name} {r.near_zero:.1%}" for r in sparse))
+broken"""),
+    ("markdown", """## 3. Histograms
+
+The distribution of each weight tensor's finite values (a few tensors, evenly spread
+through the model)."""),
+    ("code", """hist = plot_histograms(torch.load(original), max_layers=6, ncols=3)
+hist"""),
+    ("markdown", """## 4. A diff against the perturbed copy
+
+Tensor by tensor: relative change, cosine, the units that changed most. The three defects
+are the only changes, and the NaN is reported as a changed NaN pattern."""),
+    ("code", """diff = diff_checkpoints(original, perturbed)
+print(diff.summary())
+diff"""),
+    ("markdown", """## 5. From a statistic to a neuron
+
+Which `conv2d2` filter has the largest weight norm, and what does that neuron do? A neuron
+card shows its variable name (feature visualization), its strongest inputs from `conv2d1`
+with their weights, and the Fashion-MNIST test images that excite it most."""),
+    ("code", """from circuits.datasets import load_fashion_mnist
+from circuits.figures import neuron_card
+
+w = circuits.get_layer(model, "conv2d2_pre_relu_conv").weight.detach()
+strongest = int(w.flatten(1).norm(dim=1).argmax())
+images, _ = load_fashion_mnist("test")
+card = neuron_card(model, f"conv2d2:{strongest}", top=6, images=images[:1000], dataset_name="Fashion-MNIST test",
+                   render={"steps": STEPS}, cache=None)
+card"""),
+]
+
+
+NOTEBOOKS: dict[str, tuple[list[tuple[str, str]], int]] = {
+    # name: (cells, default feature-visualization steps)
+    "walkthrough": (CELLS, 256),
+    "own_model": (OWN_MODEL_CELLS, 32),
+    "inspect_checkpoint": (INSPECT_CELLS, 32),
+}
+
+
+def notebook_path(name: str) -> Path:
+    """Where the notebook ``name`` is committed."""
+    return ROOT / "notebooks" / f"{name}.ipynb"
+
+
+def build(name: str = "walkthrough"):
+    """The notebook ``name`` (nbformat v4) with its cells, not executed."""
     import nbformat
 
+    if name not in NOTEBOOKS:
+        raise ValueError(f"unknown notebook {name!r}; choose from {', '.join(NOTEBOOKS)}")
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     nb.metadata["language_info"] = {"name": "python"}
-    for kind, src in CELLS:
+    for kind, src in NOTEBOOKS[name][0]:
         nb.cells.append(nbformat.v4.new_markdown_cell(src) if kind == "markdown" else nbformat.v4.new_code_cell(src))
     for i, cell in enumerate(nb.cells):
         cell["id"] = f"cell-{i:02d}"
@@ -282,16 +461,26 @@ def execute(nb, steps: int, timeout: int = 1800, cwd: Path = ROOT / "notebooks")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=int(os.environ.get("CIRCUITS_NOTEBOOK_STEPS", "256")))
-    parser.add_argument("--out", type=Path, default=NOTEBOOK)
+    parser.add_argument("--notebook", action="append", choices=list(NOTEBOOKS),
+                        help="the notebook to build (repeatable; default: all)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="feature-visualization steps (default: CIRCUITS_NOTEBOOK_STEPS, else 256 for the walkthrough, 32 for the others)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (only with one --notebook)")
     args = parser.parse_args(argv)
+    names = args.notebook or list(NOTEBOOKS)
+    if args.out is not None and len(names) != 1:
+        parser.error("--out needs exactly one --notebook")
     import nbformat
 
     from circuits._io import atomic_write_text
 
-    nb = execute(build(), args.steps)
-    atomic_write_text(args.out, nbformat.writes(nb) + "\n")
-    print(args.out)
+    for name in names:
+        env_steps = os.environ.get("CIRCUITS_NOTEBOOK_STEPS")
+        steps = args.steps if args.steps is not None else int(env_steps) if env_steps else NOTEBOOKS[name][1]
+        nb = execute(build(name), steps)
+        out = args.out or notebook_path(name)
+        atomic_write_text(out, nbformat.writes(nb) + "\n")
+        print(out)
     return 0
 
 

@@ -93,6 +93,11 @@ class RenderResult:
             (``NaN`` where unknown), or ``None`` when no reference was given.
         beats_data: per image, whether it activates its target more than ``data_best``
             (``None`` where unknown); empty when no reference was given.
+
+    In a notebook the result shows itself (``_repr_html_``): a thumbnail of each image (at most
+    48, longest side 96 px, inlined as PNG) with its target and objective value, images that
+    do not beat the data set marked; NaN pixels are flagged in red; the HTML stays under
+    200 KB (:mod:`circuits._display`).
     """
 
     images: torch.Tensor
@@ -110,6 +115,30 @@ class RenderResult:
     def image(self, i: int) -> np.ndarray:
         """Image ``i`` for ``plt.imshow``: ``[H, W, 3]``, or ``[H, W]`` for one channel."""
         return _to_display(self.images[i].numpy())
+
+    def _title(self) -> str:
+        return f"{len(self)} image(s) {tuple(self.images.shape[1:])}, {self.settings.steps} steps"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython's text/plain: one line, not every tensor
+        p.text(f"{type(self).__name__}({self._title()})")
+
+    def _repr_html_(self) -> str:
+        from .. import _display as D
+
+        budget, shown = D.HtmlBudget(), min(len(self), 48)
+        for i in range(shown):
+            value = float(self.objective_values[i]) if i < len(self.objective_values) else float("nan")
+            beats = self.beats_data[i] if i < len(self.beats_data) else None
+            caption = f"{self.targets[i]}\nobjective {value:.3g}" + (" (below data)" if beats is False else "")
+            flag = D.nan_flag(0 if math.isfinite(value) else 1, what="objective")
+            if not budget.add(D.tile([(D.image_html(self.images[i], alt=self.targets[i]) + flag, caption)])):
+                budget.skip(shown - i - 1)
+                break
+        budget.skip(len(self) - shown)
+        notes = [f"cached: {sum(self.from_cache)} of {len(self)}"] if self.from_cache else []
+        if self.below_data:
+            notes.append(f"{len(self.below_data)} image(s) do not beat the best data set example: " + ", ".join(self.below_data[:8]))
+        return D.container("RenderResult", self._title(), budget, notes, D.nan_flag(*D.count_nonfinite(self.images), what="images"))
 
     @property
     def below_data(self) -> list[str]:

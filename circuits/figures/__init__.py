@@ -6,7 +6,8 @@
   returns a :class:`FigureResult` (figure + the arrays drawn).
 - :mod:`.raster` — small PNGs straight from arrays (used by the pages and the CLI).
 - :mod:`.sections` — the connection sections of a neuron page, computed from a model.
-- :mod:`.neuron` — one-call figures of a neuron's connections (:func:`neuron_figure`, :func:`nmf_figures`).
+- :mod:`.neuron` — one-call figures of a neuron's connections (:func:`neuron_figure`, :func:`nmf_figures`)
+  and a neuron's card (:func:`neuron_card` → :class:`NeuronCard`, shown as HTML in a notebook).
 - :mod:`.pages` — static, self-contained HTML neuron pages (:func:`build_pages` = :func:`compute_pages`
   + :func:`write_pages`, with :class:`PageSettings`).
 """
@@ -27,7 +28,7 @@ from .smallmultiples import (
     spatial_position_grid,
     weight_heatmap,
 )
-from .neuron import FIGURE_KINDS, neuron_figure, nmf_figures
+from .neuron import FIGURE_KINDS, NeuronCard, neuron_card, neuron_figure, nmf_figures
 from .pages import PageData, PageSettings, build_pages, compute_pages, write_pages
 from .sections import NeuronConnections, connections_to, layer_sections
 
@@ -62,5 +63,7 @@ __all__ = [
     "layer_sections",
     "neuron_figure",
     "nmf_figures",
+    "NeuronCard",
+    "neuron_card",
     "FIGURE_KINDS",
 ]

@@ -13,10 +13,16 @@ Kinds (:data:`FIGURE_KINDS`): ``small-multiples`` (top inputs: feature visualiza
 the weight slice), ``factors`` (the same, grouped by NMF factor), ``family`` (a grid between
 input and output neurons), ``spatial`` (the direction at each kernel position, visualized),
 ``nmf`` (the NMF picture with its factors visualized), ``heatmap`` (weight slices only).
+
+:func:`neuron_card` gathers one neuron at a glance (:class:`NeuronCard`: its variable name,
+its strongest inputs with their weights and variable names, its top data set examples),
+which a notebook shows as a small HTML card.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -28,7 +34,7 @@ from ..wiring import channel_counts, default_upstream
 from . import smallmultiples as sm
 from .sections import connections_to
 
-__all__ = ["FIGURE_KINDS", "neuron_figure", "nmf_figures"]
+__all__ = ["FIGURE_KINDS", "neuron_figure", "nmf_figures", "NeuronCard", "neuron_card"]
 
 FIGURE_KINDS = ("small-multiples", "factors", "family", "spatial", "nmf", "heatmap")
 
@@ -41,6 +47,24 @@ def _neuron(model: nn.Module, target: str) -> tuple[str, int]:
         raise ValueError(f"layer {layer!r} has no channels to pick from")
     check_channel(layer, channel, counts[layer])
     return layer, channel
+
+
+def _neuron_and_upstream(model: nn.Module, target: str, upstream: Optional[str], top: int) -> tuple[str, int, str]:
+    """``(layer, channel, upstream layer)`` checked, with ``top`` (inputs shown) checked too."""
+    if not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive integer, got {top!r}")
+    layer, ch = _neuron(model, target)
+    up = upstream or default_upstream(model, layer)[0]
+    get_layer(model, up)
+    return layer, ch, up
+
+
+def _weights_from(model: nn.Module, up: str, layer: str, ch: int) -> tuple[np.ndarray, str]:
+    """``layer:ch``'s weights ``[in, kh, kw]`` from ``up`` and their kind (direct / expanded)."""
+    found = connections_to(model, up, layer, [ch])
+    if ch not in found:
+        raise ValueError(f"{up} has no weights to {layer}:{ch} (it feeds another branch); choose another upstream layer")
+    return found[ch]
 
 
 def _images(model: nn.Module, layer: str, channels: Sequence[int], render: Mapping[str, Any], cache: Any) -> dict[int, np.ndarray]:
@@ -91,11 +115,7 @@ def neuron_figure(
     """
     if kind not in FIGURE_KINDS:
         raise ValueError(f"figure kind must be one of {', '.join(FIGURE_KINDS)}; got {kind!r}")
-    if not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive integer, got {top!r}")
-    layer, ch = _neuron(model, target)
-    up = upstream or default_upstream(model, layer)[0]
-    get_layer(model, up)
+    layer, ch, up = _neuron_and_upstream(model, target, upstream, top)
     render = dict(render or {})
     title = f"{up} → {layer}:{ch}"
     if kind == "family":
@@ -114,10 +134,7 @@ def neuron_figure(
             W, [in_imgs[i] for i in ins], [out_imgs[c] for c in outs], inputs=ins, outputs=list(range(len(outs))),
             in_labels=[f"{up}:{i}" for i in ins], out_labels=[f"{layer}:{c}" for c in outs], title=f"{up} → {layer}",
         )
-    found = connections_to(model, up, layer, [ch])
-    if ch not in found:
-        raise ValueError(f"{up} has no weights to {layer}:{ch} (it feeds another branch); choose another upstream layer")
-    w, wkind = found[ch]
+    w, wkind = _weights_from(model, up, layer, ch)
     title += f" ({wkind})"
     labels = [f"{up}:{i}" for i in range(w.shape[0])]
     if kind == "heatmap":
@@ -200,3 +217,142 @@ def nmf_figures(
                                 title=f"NMF of {up} → {layer} weights")
         out.append((shape, fig, explained))
     return out
+
+
+@dataclass(repr=False)
+class NeuronCard:
+    """One neuron at a glance (see :func:`neuron_card`).
+
+    Attributes:
+        target: the neuron, ``"layer:channel"``.
+        image: its variable name (feature visualization), ``[H, W, 3]`` or ``[H, W]`` in ``[0, 1]``.
+        upstream: the layer its inputs come from.
+        kind: ``"direct"`` (a kernel) or ``"expanded"`` (expanded weights).
+        inputs: the strongest upstream channels (L2 of the weight slice), strongest first.
+        norms: ``[n]`` their L2 norms.
+        weights: ``[n, kh, kw]`` their weight slices (one colour scale: :attr:`limit`).
+        input_images: the inputs' variable names, in the order of :attr:`inputs`.
+        n_inputs: upstream channels in all.
+        examples: ``[k, C, H, W]`` the data set images that activate the neuron most, strongest
+            first (``None`` without a data set).
+        example_values: ``[k]`` the neuron's activation on them.
+        example_indices: ``[k]`` their positions in the data set.
+        dataset_name: how the data set is named.
+        notes: lines shown under the card.
+
+    In a notebook the card shows itself (``_repr_html_``): thumbnails inlined as PNG (variable
+    names 96 px, weight maps 48 px), red excites / blue inhibits, non-finite weights or
+    activations flagged in red, under 200 KB of HTML (:mod:`circuits._display`).
+    """
+
+    target: str
+    image: Optional[np.ndarray]
+    upstream: str
+    kind: str
+    inputs: list[int]
+    norms: np.ndarray
+    weights: np.ndarray
+    input_images: list[Optional[np.ndarray]]
+    n_inputs: int
+    examples: Optional[np.ndarray] = None
+    example_values: Optional[np.ndarray] = None
+    example_indices: Optional[np.ndarray] = None
+    dataset_name: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def limit(self) -> float:
+        """The colour scale ``m`` of :attr:`weights` (largest finite ``|w|``)."""
+        from .palette import symmetric_limit
+
+        return symmetric_limit(self.weights)
+
+    def __repr__(self) -> str:
+        examples = 0 if self.examples is None else len(self.examples)
+        return (f"NeuronCard({self.target!r}, top inputs from {self.upstream} ({self.kind}): {self.inputs}, "
+                f"{examples} {self.dataset_name or 'data set'} examples)")
+
+    def _repr_html_(self) -> str:
+        from .. import _display as D
+
+        budget = D.HtmlBudget()
+        name = D.image_html(self.image, alt=self.target) if self.image is not None else "(no feature visualization)"
+        budget.add("<h4>variable name</h4>" + D.tile([(name, self.target)]))
+        limit = self.limit
+        cells = []
+        for i, c in enumerate(self.inputs):
+            vis = self.input_images[i] if i < len(self.input_images) else None
+            thumb = D.image_html(vis, size=48, alt=f"{self.upstream}:{c}") if vis is not None else ""
+            cells.append((thumb + D.weights_html(self.weights[i], limit, alt=f"weights from {self.upstream}:{c}"),
+                          f"{self.upstream}:{c}\nL2 {float(self.norms[i]):.3g}"))
+        budget.add(f"<h4>top {len(self.inputs)} of {self.n_inputs} inputs from {D.value_html(self.upstream)} "
+                   f"({D.value_html(self.kind)} weights; red excites, blue inhibits)</h4>" + D.tile(cells))
+        flag = D.nan_flag(*D.count_nonfinite(self.weights), what="weights")
+        if self.examples is not None and len(self.examples):
+            values = self.example_values if self.example_values is not None else np.full(len(self.examples), math.nan)
+            indices = self.example_indices if self.example_indices is not None else np.arange(len(self.examples))
+            ex = [(D.image_html(img, size=64, alt=f"example {int(i)}"), f"#{int(i)}\n{float(v):.3g}")
+                  for img, v, i in zip(self.examples, values, indices)]
+            budget.add(f"<h4>top {len(ex)} {D.value_html(self.dataset_name or 'data set')} examples</h4>" + D.tile(ex))
+            flag += D.nan_flag(*D.count_nonfinite(values), what="activations")
+        return D.container("NeuronCard", self.target, budget, self.notes, flag)
+
+
+def neuron_card(
+    model: nn.Module,
+    target: str,
+    upstream: Optional[str] = None,
+    *,
+    top: int = 6,
+    images: Optional[torch.Tensor] = None,
+    dataset_name: str = "data set",
+    n_examples: int = 6,
+    render: Optional[Mapping[str, Any]] = None,
+    cache: Any = True,
+) -> NeuronCard:
+    """Gather one neuron's card: variable name, strongest inputs from ``upstream``, data set examples.
+
+    Args:
+        model: the model.
+        target: the neuron, ``"layer:channel"`` (no position).
+        upstream: the upstream layer (default: the first of :func:`circuits.wiring.default_upstream`).
+        top: inputs shown (the strongest by L2 of their weight slice).
+        images: data set images ``[N, C, H, W]`` in ``[0, 1]`` for the examples (``None``: no examples).
+        dataset_name: how the data set is named on the card.
+        n_examples: data set examples shown.
+        render: feature-visualization settings (:func:`circuits.featurevis.render` keywords, e.g. ``steps=64``).
+        cache: the feature-visualization cache (``True``: default folder; ``None``: off).
+
+    Returns:
+        a :class:`NeuronCard`; in a notebook it shows itself as a small HTML card.
+
+    Example::
+
+        >>> card = neuron_card(model, "mixed3b:60", top=6, images=test_images, render={"steps": 64})  # doctest: +SKIP
+        >>> card.inputs, card.weights.shape                                                           # doctest: +SKIP
+        ([12, 3, ...], (6, 5, 5))
+    """
+    if not isinstance(n_examples, int) or n_examples < 1:
+        raise ValueError(f"n_examples must be a positive integer, got {n_examples!r}")
+    layer, ch, up = _neuron_and_upstream(model, target, upstream, top)
+    w, wkind = _weights_from(model, up, layer, ch)
+    w = np.asarray(w)
+    order = [int(i) for i in sm.rank_inputs(w, top)[0]]
+    norms = np.sqrt((w[order] ** 2).reshape(len(order), -1).sum(1))
+    render = dict(render or {})
+    render.setdefault("progress", False)
+    from ..featurevis import variable_names
+
+    names = variable_names(model, [f"{layer}:{ch}"] + [f"{up}:{i}" for i in order], cache=cache, **render)
+    card = NeuronCard(f"{layer}:{ch}", names[f"{layer}:{ch}"], up, wkind, order, norms, w[order],
+                      [names[f"{up}:{i}"] for i in order], int(w.shape[0]), dataset_name=dataset_name)
+    if images is not None:
+        from ..featurevis import dataset_examples
+
+        data = torch.as_tensor(images)
+        ex = dataset_examples(model, [card.target], data, k=n_examples, progress=False)[card.target]
+        idx = ex.indices.cpu().numpy()
+        card.examples = data[torch.as_tensor(idx)].detach().cpu().float().numpy()
+        card.example_values = ex.values.cpu().numpy()
+        card.example_indices = idx
+    return card

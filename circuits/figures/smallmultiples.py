@@ -52,10 +52,40 @@ Images = Optional[Union[np.ndarray, Sequence[Optional[object]]]]
 
 @dataclass
 class FigureResult:
-    """A figure and the arrays it shows (``data``: names → NumPy arrays / numbers)."""
+    """A figure and the arrays it shows (``data``: names → NumPy arrays / numbers).
+
+    In a notebook it shows itself (``_repr_html_``): the figure as a PNG inlined at 72 dpi
+    (lower when needed to stay under 200 KB of HTML, :mod:`circuits._display`) and the names
+    and shapes of ``data``; non-finite values in ``data`` are flagged in red.
+    """
 
     figure: Figure
     data: dict[str, Any] = field(default_factory=dict)
+
+    def _title(self) -> str:
+        w, h = self.figure.get_size_inches()
+        return f"{w:.3g}x{h:.3g} in figure; data: {', '.join(list(self.data)[:8])}" + (" ..." if len(self.data) > 8 else "")
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython's text/plain: one line, not every tensor
+        p.text(f"{type(self).__name__}({self._title()})")
+
+    def _repr_html_(self) -> str:
+        from .. import _display as D
+
+        described, n_nan, n_inf = [], 0, 0
+        for name, value in list(self.data.items())[:24]:
+            try:
+                a = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+            except Exception:  # ragged lists, objects: described by type only
+                described.append(f"{name}: {type(value).__name__}")
+                continue
+            if a.dtype.kind in "fc":
+                bad = D.count_nonfinite(a)
+                n_nan, n_inf = n_nan + bad[0], n_inf + bad[1]
+            described.append(f"{name} {list(a.shape)}" if a.ndim else f"{name}")
+        notes = ["data: " + ", ".join(described) + (" ..." if len(self.data) > 24 else "")] if described else []
+        body = D.img_tag(D.figure_png(self.figure), alt="figure")
+        return D.container("FigureResult", "", body, notes, D.nan_flag(n_nan, n_inf, "data"))
 
     def save(self, path: PathLike, dpi: int = 150) -> Path:
         """Write the figure (format from the suffix: .png, .svg, .pdf) atomically."""

@@ -96,7 +96,11 @@ def _json_float(v: float) -> Any:
 
 @dataclass
 class CheckpointDiff:
-    """Per-tensor diffs plus the tensors added, removed or reshaped between ``a`` and ``b``."""
+    """Per-tensor diffs plus the tensors added, removed or reshaped between ``a`` and ``b``.
+
+    In a notebook it shows itself (``_repr_html_``) as an HTML table (at most 200 tensors;
+    flagged rows highlighted; NaN/Inf flagged in red), under 200 KB (:mod:`circuits._display`).
+    """
 
     tensors: list[TensorDiff]
     only_in_a: list[str]
@@ -172,6 +176,30 @@ class CheckpointDiff:
                 out.append(f"flag {d.name}: " + (f if len(f) <= max_flag_width else f[: max_flag_width - 3] + "..."))
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
+
+    def _title(self) -> str:
+        return f"{self.label_a} → {self.label_b}: {self.summary()}"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython's text/plain: one line, not every tensor
+        p.text(f"{type(self).__name__}({self._title()})")
+
+    def _repr_html_(self) -> str:
+        from .. import _display as D
+
+        cols = ["name", "shape", "rel change", "cosine", "max |b-a|", "changed units", "top units (index: rel)", "flags"]
+        shown = self.tensors[:200]
+        rows = [[d.name, "x".join(map(str, d.shape)) or "scalar", d.rel_change, d.cosine, d.max_abs_change,
+                 f"{len(d.changed_units)}/{d.n_units}" if d.n_units else "-",
+                 ", ".join(f"{i}: {r:.3g}" for i, r in d.top_units), "; ".join(d.flags)] for d in shown]
+        budget = D.HtmlBudget()
+        budget.add(D.table_html(cols, rows, [bool(d.flags) for d in shown]))
+        budget.skip(len(self.tensors) - len(shown))
+        notes = ([f"added (only in {self.label_b}): " + ", ".join(self.only_in_b[:20])] if self.only_in_b else []) + (
+            [f"removed (only in {self.label_a}): " + ", ".join(self.only_in_a[:20])] if self.only_in_a else []) + [
+            f"reshaped: {n} {tuple(a)} -> {tuple(b)}" for n, a, b in self.shape_mismatch[:20]] + [f"note: {n}" for n in self.notes]
+        n_bad = sum(d.nonfinite_changed for d in self.tensors)
+        flag = D.flag_html(f"{n_bad} position(s) whose NaN/Inf pattern changed") if n_bad else ""
+        return D.container("CheckpointDiff", self._title(), budget, notes, flag)
 
     def to_html(self) -> str:
         """A self-contained page: the table (flagged rows highlighted), the lists, a bar chart."""

@@ -189,6 +189,10 @@ class StatsTable(Sequence[LayerStats]):
     Exports: :meth:`to_records`, :meth:`to_csv`, :meth:`to_json`, :meth:`to_dataframe`
     (needs pandas), :meth:`to_text` (aligned columns, what the CLI prints).
     ``skipped`` lists ``(name, reason)`` for tensors that have no statistics (integer buffers).
+
+    In a notebook it shows itself (``_repr_html_``) as an HTML table (at most 200 rows; flagged
+    rows highlighted; NaN/Inf counts and undefined statistics flagged in red), under 200 KB
+    (:mod:`circuits._display`).
     """
 
     def __init__(self, rows: Iterable[LayerStats] = (), skipped: Iterable[tuple[str, str]] = (),
@@ -216,6 +220,26 @@ class StatsTable(Sequence[LayerStats]):
 
     def __repr__(self) -> str:
         return f"StatsTable({len(self.rows)} tensors, {sum(bool(r.flags) for r in self.rows)} flagged)"
+
+    def _repr_html_(self) -> str:
+        from .. import _display as D
+
+        cols = ["name", "shape", "params", "mean", "std", "min", "max", "fro", "spectral", "~0", "dead", "NaN", "Inf", "flags"]
+        shown = self.rows[:200]
+        rows = []
+        for r in shown:
+            spectral = r.spectral_norm if len(r.shape) >= 2 else None  # not defined for vectors: blank, not a flag
+            rows.append([r.name, _fmt(r.shape), r.numel, r.mean, r.std, r.min, r.max, r.fro_norm, spectral,
+                         f"{100 * r.near_zero:.1f}%" if math.isfinite(r.near_zero) else r.near_zero,
+                         f"{len(r.dead_units)}/{r.n_units}" if r.n_units else "-",
+                         D.nan_flag(r.n_nan) or "0", D.nan_flag(0, r.n_inf) or "0", "; ".join(r.flags)])
+        budget = D.HtmlBudget()
+        budget.add(D.table_html(cols, rows, [bool(r.flags) for r in shown], raw=[11, 12]))
+        budget.skip(len(self.rows) - len(shown))
+        notes = [f"skipped {name}: {reason}" for name, reason in self.skipped[:20]] + [f"note: {n}" for n in self.notes]
+        n_nan, n_inf = sum(r.n_nan for r in self.rows), sum(r.n_inf for r in self.rows)
+        title = f"{len(self.rows)} tensors, {sum(r.numel for r in self.rows):,} values, {len(self.flagged())} flagged"
+        return D.container("StatsTable", title, budget, notes, D.nan_flag(n_nan, n_inf, "the weights"))
 
     def names(self) -> list[str]:
         return [r.name for r in self.rows]
