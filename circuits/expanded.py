@@ -1543,6 +1543,11 @@ def _plan(
     search = not first.whole and first.prefix is None and (frozen is None or frozen.size_free(first.frozen_ops))
     probes = [first] if search else [first] + [probe((h, w), f) for f in refs[1:]]
     grads = torch.stack([p.grad for p in probes])
+    if not bool(torch.isfinite(grads).all()):  # NaN fails every support test: say what it is, not "not downstream"
+        raise ValueError(
+            f"expanded weights {from_layer}→{to_layer} contain NaN or Inf: the path's weights or frozen values are "
+            "non-finite (check the model's weights: circuits inspect)"
+        )
     ref = grads.mean(0) if len(probes) > 1 else grads[0]
     prefix = None if first.prefix is None else torch.stack([p.prefix for p in probes]).mean(0)  # type: ignore[misc]
     h1, w1 = ref.shape[-2:]

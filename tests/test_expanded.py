@@ -498,3 +498,12 @@ def test_dense_to_layer_and_per_example_on_a_frozen_path(fashion_random):
         gate(x)
     g = torch.autograd.grad(acts["b"][0, 1, 4, 4], acts["a"])[0][0]  # the real gradient, gate path included
     assert pe.shape == (1, 3, 3, 3) and torch.allclose(pe[0], g[:, 3:6, 3:6], atol=1e-6)
+
+
+def test_non_finite_weights_on_the_path_are_named_not_misread() -> None:
+    """A NaN weight between the layers is an error that says so (it used to read as 'not downstream')."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1))
+    with torch.no_grad():
+        model[2].weight[1, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="contain NaN or Inf"):
+        expanded_weights(model, "0", "2", input_shape=(2, 9, 9))

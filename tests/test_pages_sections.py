@@ -156,3 +156,27 @@ def test_non_finite_weights_are_an_error(fashion_model):
     finally:
         with torch.no_grad():
             conv.weight.copy_(saved)
+
+
+def test_a_visualization_below_the_data_is_flagged_on_its_page(fashion_model, tmp_path):
+    """Issue 15 item 4, on the pages: a render that does not beat the best data set image says so."""
+    from circuits.figures.pages import render_pages_images_vs_data
+    from circuits.datasets import load_dataset
+
+    data_images = load_dataset("fashion-mnist-test", 64)
+    with pytest.warns(UserWarning, match="do not beat the best data set example"):
+        # 0 steps: the random starting images, which the data beats
+        images, values, best = render_pages_images_vs_data(
+            fashion_model, {"mixed3a": [40, 41]}, None, {"steps": 0, "seed": 0}, False, reference=data_images)
+    assert set(best) == {"mixed3a:40", "mixed3a:41"} and all(np.isfinite(v) for v in best.values())
+    assert all(values[k] <= best[k] for k in best)
+    lc = layer_connections(fashion_model, "mixed3a", [40, 41], ["mixed3a_3x3_bottleneck"], top_k=3)
+    beaten = {"mixed3a:40": best["mixed3a:40"], "mixed3a:41": values["mixed3a:41"] - 1.0}
+    data = PageData.build(fashion_model, {"mixed3a": [40, 41]}, {"mixed3a": ["mixed3a_3x3_bottleneck"]},
+                          {("mixed3a", c): lc.sections[c] for c in (40, 41)}, PageSettings(top_k=3),
+                          images=images, vis_values=values, vis_data_best=beaten, dataset_name="Fashion-MNIST")
+    write_pages(data, tmp_path, progress=False)
+    below = (tmp_path / "layers/mixed3a/40.html").read_text()
+    above = (tmp_path / "layers/mixed3a/41.html").read_text()
+    assert "does not beat the best Fashion-MNIST image" in below
+    assert "does not beat" not in above and "best Fashion-MNIST image" in above

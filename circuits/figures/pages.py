@@ -103,6 +103,7 @@ __all__ = [
     "SAMPLE_PER_LAYER",
     "default_neurons",
     "render_pages_images",
+    "render_pages_images_vs_data",
     "Link",
     "outgoing_connections",
     "PageData",
@@ -410,6 +411,8 @@ class PageData:
         outgoing: ``{(layer, channel): [Link, ...]}`` (:func:`outgoing_connections`).
         images: ``{"layer:channel": image}`` feature visualizations in ``[0, 1]``.
         vis_values: ``{"layer:channel": objective value the visualization reached}``.
+        vis_data_best: ``{"layer:channel": the best objective value over the data set images}``
+            (where known); a visualization that does not beat it is flagged on its page.
         examples: ``{"layer:channel": NeuronExamples}`` (receptive-field crops and negative
             examples, :func:`circuits.featurevis.neuron_examples`), or the older
             ``(indices [k], values [k])`` of whole images.
@@ -431,6 +434,7 @@ class PageData:
     outgoing: dict[tuple[str, int], list[Link]] = field(default_factory=dict)
     images: dict[str, np.ndarray] = field(default_factory=dict)
     vis_values: dict[str, float] = field(default_factory=dict)
+    vis_data_best: dict[str, float] = field(default_factory=dict)
     examples: dict[str, Any] = field(default_factory=dict)
     example_images: Optional[torch.Tensor] = None
     example_labels: Optional[np.ndarray] = None
@@ -455,6 +459,7 @@ class PageData:
         vis_values: Optional[Mapping[str, float]] = None,
         example_labels: Optional[np.ndarray] = None,
         class_names: Optional[Sequence[str]] = None,
+        vis_data_best: Optional[Mapping[str, float]] = None,
     ) -> "PageData":
         """Join computed parts (sections, renders, examples) with the model's wiring.
 
@@ -485,6 +490,7 @@ class PageData:
             outgoing={k: list(v) for k, v in outgoing.items()},
             images=dict(images or {}),
             vis_values={k: float(v) for k, v in (vis_values or {}).items()},
+            vis_data_best={k: float(v) for k, v in (vis_data_best or {}).items()},
             examples=dict(examples or {}),
             example_images=example_images,
             example_labels=None if example_labels is None else np.asarray(example_labels),
@@ -498,28 +504,45 @@ class PageData:
 
 
 def render_pages_images(model: nn.Module, targets: Mapping[str, Sequence[int]], cache: Any,
-                        render: Mapping[str, Any], progress: bool) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+                        render: Mapping[str, Any], progress: bool,
+                        reference: Optional[torch.Tensor] = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Feature visualizations of ``targets`` in one batched render, cached.
 
     The targets are ordered by where their layer runs in the forward pass, so each batch
     (``render`` chunks them) stops at about the same depth. Returns ``({target: image},
     {target: objective value})``; images are ``[H, W]`` or ``[H, W, 3]`` in ``[0, 1]``.
+    With ``reference`` (data set images ``[N, C, H, W]`` in ``[0, 1]``) the render compares
+    each image with the best of them (:meth:`~circuits.featurevis.RenderResult.compare_with_data`)
+    and :func:`render_pages_images_vs_data` gives the best data values too.
     """
+    images, values, _ = render_pages_images_vs_data(model, targets, cache, render, progress, reference)
+    return images, values
+
+
+def render_pages_images_vs_data(
+    model: nn.Module, targets: Mapping[str, Sequence[int]], cache: Any, render: Mapping[str, Any], progress: bool,
+    reference: Optional[torch.Tensor] = None,
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
+    """:func:`render_pages_images` plus ``{target: best objective value over the reference
+    images}`` (empty without ``reference``). A visualization that does not beat it is flagged
+    on its page (and the render warns, :class:`~circuits.featurevis.RenderWarning`)."""
     from ..featurevis import render as fv_render
 
     order = {name: i for i, name in enumerate(layer_graph(model).order)}
     names = [f"{layer}:{c}" for layer in sorted(targets, key=lambda l: order.get(l, len(order)))
              for c in sorted(targets[layer])]
     if not names:
-        return {}, {}
+        return {}, {}, {}
     kw = dict(render)
-    result = fv_render(model, names, cache=cache, progress=progress, **kw)
-    images, values = {}, {}
+    result = fv_render(model, names, cache=cache, progress=progress, reference=reference, **kw)
+    images, values, best = {}, {}, {}
     for i, name in enumerate(names):
         img = result.images[i].numpy()
         images[name] = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
         values[name] = float(result.objective_values[i])
-    return images, values
+        if result.data_best is not None and math.isfinite(float(result.data_best[i])):
+            best[name] = float(result.data_best[i])
+    return images, values, best
 
 
 def _dataset_labels(name: str, size: int) -> Optional[np.ndarray]:
@@ -597,7 +620,6 @@ def compute_pages(
     known, _ = neuron_index(full, computed)
     targets = {layer: sorted(chs) for layer, chs in known.items()}
     outgoing = outgoing_connections(model, full, ups, targets, n=settings.n_outgoing, norms=norms)
-    vis, vis_values = render_pages_images(model, targets, cache, settings.render, progress)
     data, name, labels = None, "", None
     if images is not None:
         data, name = torch.as_tensor(images), images_name
@@ -606,6 +628,8 @@ def compute_pages(
         if dataset is not None:
             data, name = load_dataset(dataset, settings.dataset_size), DATASET_TITLES.get(dataset, dataset)
             labels = _dataset_labels(dataset, settings.dataset_size)
+    vis, vis_values, vis_data_best = render_pages_images_vs_data(model, targets, cache, settings.render, progress,
+                                                                  reference=data)
     examples: dict[str, Any] = {}
     if data is not None:
         from ..featurevis import neuron_examples
@@ -613,7 +637,7 @@ def compute_pages(
         examples = dict(neuron_examples(model, targets, data, k=settings.n_examples, progress=progress))
     return PageData.build(model, full, ups, computed, settings, images=vis, examples=examples,
                           example_images=data, dataset_name=name, outgoing=outgoing, vis_values=vis_values,
-                          example_labels=labels)
+                          example_labels=labels, vis_data_best=vis_data_best)
 
 
 # ----------------------------------------------------------------------------- html
@@ -776,6 +800,14 @@ def _hero(site: _Site, layer: str, c: int, vis_caption: str) -> str:
             warn = "<br><span class=\"flag\">the visualization has non-finite pixels; not shown</span>"
         elif value is not None and not math.isfinite(value):
             warn = "<br><span class=\"flag\">its objective value is non-finite</span>"
+        elif value is not None and key in data.vis_data_best:
+            best = data.vis_data_best[key]
+            if value <= best:
+                warn = (f"<br><span class=\"flag below-data\" title=\"more steps, another seed or other transforms "
+                        f"may help\">does not beat the best {_e(data.dataset_name or 'data set')} image "
+                        f"({_num(best)})</span>")
+            else:
+                warn = f"<br><span class=\"muted\">best {_e(data.dataset_name or 'data set')} image {_num(best)}</span>"
         reach = f"<br>objective {_num(value)}" if value is not None else ""
         img = _vis_img(site, layer, c, "../../", "vis-large")
         parts.append(f"<figure class=\"vis\">{img}<figcaption>feature visualization<br>{_e(vis_caption)}{reach}{warn}</figcaption></figure>")
