@@ -41,6 +41,17 @@ def inception():
     return InceptionV1().eval()
 
 
+@pytest.fixture(scope="module")
+def fashion_random():
+    """FashionInception at seed-0 random init (a fresh copy per test module: tests may edit it)."""
+    import torch
+
+    from circuits.models import FashionInception
+
+    torch.manual_seed(0)
+    return FashionInception().eval()
+
+
 @pytest.fixture(scope="session")
 def fashion_model():
     from circuits.models import load_model

@@ -33,9 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def fashion() -> nn.Module:
-    torch.manual_seed(0)
-    return FashionInception().eval()
+def fashion(fashion_random: nn.Module) -> nn.Module:
+    return fashion_random
 
 
 # --- the dataclass ----------------------------------------------------------------------
