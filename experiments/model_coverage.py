@@ -343,6 +343,9 @@ def to_markdown(doc: dict[str, Any], models: Optional[list[str]] = None, pending
     s = summary(doc, models)
     dates = sorted(r["date"] for r in doc["rows"].values() if "date" in r)
     when = f"Rows run {dates[0]} – {dates[-1]}" if dates else "Run dates not recorded"
+    undated = len(doc["rows"]) - len(dates)
+    if dates and undated:
+        when += f" ({undated} rows without a recorded date, run the same session by the same script)"
     caps = per_capability(doc, models)
     lines = [
         "# Capability coverage",
