@@ -24,6 +24,8 @@ are kept in the JSON file so a rerun only does what is missing (``--force`` redo
 
     python experiments/model_coverage.py                       # every torchvision classifier + timm families
     python experiments/model_coverage.py --models resnet18 vit_b_16 --out /tmp/cov.md
+    python experiments/model_coverage.py --first-per-family     # one model of each family first, then the rest
+    python experiments/model_coverage.py --markdown-only        # rewrite the Markdown from the JSON, run nothing
 """
 
 from __future__ import annotations
@@ -59,6 +61,29 @@ def all_models() -> list[str]:
     except ImportError:
         pass
     return names
+
+
+def family(name: str) -> str:
+    """The model family a name belongs to: ``resnet50`` -> ``resnet``, ``timm:vit_tiny_patch16_224`` -> ``timm:vit``."""
+    import re
+
+    prefix, _, base = name.rpartition(":")
+    head = re.split(r"[_\d]", base, maxsplit=1)[0] or base
+    return f"{prefix}:{head}" if prefix else head
+
+
+def first_per_family(names: list[str], size: Optional[Callable[[str], int]] = None) -> list[str]:
+    """``names`` reordered so that a partial run covers every family: the smallest model of each
+    family first, then the rest, each part smallest first (``size``: parameters, default
+    counted on the meta device; ties and unknown sizes keep the given order)."""
+    size = size or _params
+    sizes = {n: size(n) for n in names}
+    by_size = sorted(names, key=lambda n: (sizes[n] if sizes[n] >= 0 else float("inf")))
+    first: dict[str, str] = {}
+    for n in by_size:
+        first.setdefault(family(n), n)
+    firsts = [n for n in by_size if n in first.values()]
+    return firsts + [n for n in by_size if n not in firsts]
 
 
 # ----------------------------------------------------------------------------- one model
@@ -105,8 +130,12 @@ class NotApplicable(Exception):
     """The capability does not apply to this model; the message says why."""
 
 
-def run_model(name: str, work: Path) -> dict[str, Any]:
-    """Every capability on one model: ``{"model", "params", "input", "cells": {capability: cell}}``."""
+def run_model(name: str, work: Path, model: Optional[Any] = None) -> dict[str, Any]:
+    """Every capability on one model: ``{"model", "params", "input", "cells": {capability: cell}}``.
+
+    ``model``: an already built ``nn.Module`` for ``name`` (the tests pass small variants, e.g. a
+    ViT built for 64-pixel images, or a model with ``input_shape`` set); default: resolved from ``name``.
+    """
     import torch
 
     import circuits
@@ -121,7 +150,7 @@ def run_model(name: str, work: Path) -> dict[str, Any]:
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    model = circuits.resolve_model(name)
+    model = circuits.resolve_model(name if model is None else model)
     shape = input_shape(model)
     n_params = sum(p.numel() for p in model.parameters())
     row: dict[str, Any] = {"model": name, "params": n_params, "input": list(shape), "cells": {}}
@@ -232,15 +261,30 @@ def _run_isolated(name: str, timeout: float) -> dict[str, Any]:
 
 
 def _params(name: str) -> int:
+    """Parameters of a named model, counted without allocating them (meta device); -1 when unknown."""
+    import warnings
+
     import torch
 
-    import circuits
+    def build() -> Any:
+        if name.startswith("timm:"):
+            import timm
 
-    with torch.device("meta"):
+            return timm.create_model(name[len("timm:"):], pretrained=False)
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
-            model = circuits.resolve_model(name)
-        except Exception:  # noqa: BLE001 - some builders do not support meta tensors
-            return -1
+            with torch.device("meta"):
+                model = build()
+        except Exception:  # noqa: BLE001 - some initialisers do not run on meta tensors (regnet): build for real
+            try:
+                model = build()
+            except Exception:  # noqa: BLE001 - unknown name: its row says why
+                return -1
     return sum(p.numel() for p in model.parameters())
 
 
@@ -249,9 +293,9 @@ def build_table(models: list[str], store: Path, force: bool = False, timeout: fl
     """Run (or reuse from ``store``) every model's row; returns ``{"rows": [...], "skipped": [...]}``."""
     from circuits._io import atomic_write_text
 
-    doc = json.loads(store.read_text()) if store.is_file() and not force else {"rows": {}, "skipped": {}}
+    doc = json.loads(store.read_text()) if store.is_file() else {"rows": {}, "skipped": {}}
     for name in models:
-        if name in doc["rows"] and "error" not in doc["rows"][name]:
+        if name in doc["rows"] and "error" not in doc["rows"][name] and not force:
             continue
         n = _params(name)
         if n > MAX_PARAMS:
@@ -260,8 +304,27 @@ def build_table(models: list[str], store: Path, force: bool = False, timeout: fl
         if progress:
             print(f"coverage: {name} ...", file=sys.stderr, flush=True)
         doc["rows"][name] = _run_isolated(name, timeout)
+        doc["rows"][name]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        doc["machine"] = machine()
         atomic_write_text(store, json.dumps(doc, indent=1, sort_keys=True))
     return doc
+
+
+def machine() -> str:
+    """The machine a row ran on, in words (the table's figures depend on it)."""
+    import platform
+
+    import torch
+
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores (shared), no GPU used; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def per_capability(doc: dict[str, Any], models: Optional[list[str]] = None) -> dict[str, tuple[int, int]]:
+    """``{capability: (ok, rows)}`` over the rows of ``models`` (a row whose process failed counts as failed)."""
+    rows = [doc["rows"][m] for m in (models or sorted(doc["rows"])) if m in doc["rows"]]
+    return {cap: (sum(r.get("cells", {}).get(cap, {}).get("status") == "ok" for r in rows), len(rows))
+            for cap in CAPABILITIES}
 
 
 def summary(doc: dict[str, Any], models: Optional[list[str]] = None) -> dict[str, Any]:
@@ -275,17 +338,37 @@ def summary(doc: dict[str, Any], models: Optional[list[str]] = None) -> dict[str
             "ok_fraction": ok / total if total else 0.0, "failed_rows": failed_rows}
 
 
-def to_markdown(doc: dict[str, Any], models: Optional[list[str]] = None) -> str:
+def to_markdown(doc: dict[str, Any], models: Optional[list[str]] = None, pending: Optional[list[str]] = None) -> str:
+    """The table as Markdown; ``pending``: models of the full list that have no row yet (listed, never hidden)."""
     s = summary(doc, models)
+    dates = sorted(r["date"] for r in doc["rows"].values() if "date" in r)
+    when = f"Rows run {dates[0]} – {dates[-1]}" if dates else "Run dates not recorded"
+    undated = len(doc["rows"]) - len(dates)
+    if dates and undated:
+        when += f" ({undated} rows without a recorded date, run the same session by the same script)"
+    caps = per_capability(doc, models)
     lines = [
         "# Capability coverage",
         "",
         "Every capability of `circuits` on every torchvision classifier and on timm families, random init,",
-        "offline, as a user would call it. Generated by `python experiments/model_coverage.py` (do not edit by hand);",
-        "see that script's docstring for what each column runs.",
+        "offline, as a user would call it. Generated by `python experiments/model_coverage.py` (do not edit by hand;",
+        "`tests/test_coverage.py` checks that this page is exactly what the script writes from `coverage.json`",
+        "beside it); see that script's docstring for what each column runs.",
+        "",
+        "How it was produced: `python experiments/model_coverage.py --first-per-family` (the smallest model of",
+        "each family first, then the rest smallest first, so that a partial run covers every family). Each model",
+        "runs in its own process; results are kept per model in `docs/coverage.json`, so a rerun only does",
+        "what is missing (`--force --models NAME...` redoes some, `--markdown-only` rewrites this page).",
         "",
         f"**{s['ok']} of {s['cells']} cells work ({100 * s['ok_fraction']:.1f}%)**; {s['n/a']} cannot apply (the cell says why); "
         f"{s['failed']} fail.",
+        "",
+        f"{when} on {doc.get('machine', 'an unrecorded machine')}; each model at its own input size "
+        "(224 × 224 unless the model states another), in its own process.",
+        "",
+        "| capability | ok / models |",
+        "| --- | ---: |",
+        *[f"| {cap} | {ok} / {n} |" for cap, (ok, n) in caps.items()],
         "",
         "| model | params | " + " | ".join(CAPABILITIES) + " |",
         "| --- | ---: | " + " | ".join("---" for _ in CAPABILITIES) + " |",
@@ -307,6 +390,9 @@ def to_markdown(doc: dict[str, Any], models: Optional[list[str]] = None) -> str:
             if c["status"] != "ok":
                 notes.append(f"- `{name}` · {cap}: {c['status']} — {c['detail']}")
         lines.append(f"| `{name}` | {r['params'] / 1e6:.1f} M | " + " | ".join(row) + " |")
+    if pending:
+        lines += ["", "## Not run yet (the table's run ran out of time; rerun the script to add them)", "",
+                  ", ".join(f"`{m}`" for m in pending)]
     if doc.get("skipped"):
         lines += ["", "## Not run (too large for this machine)", ""]
         lines += [f"- `{m}`: {why}" for m, why in sorted(doc["skipped"].items())]
@@ -328,13 +414,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--json", default=None, help="the results file (default: next to --out, .json)")
     ap.add_argument("--force", action="store_true", help="rerun models already in the results file")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per model")
+    ap.add_argument("--first-per-family", action="store_true",
+                    help="run one model of each family first, then the rest (a partial run covers every family)")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown from the results file; run nothing")
     args = ap.parse_args(argv)
     from circuits._io import atomic_write_text
 
     models = args.models or all_models()
+    if args.first_per_family:
+        models = first_per_family(models)
     store = Path(args.json) if args.json else Path(args.out).with_suffix(".json")
-    doc = build_table(models, store, force=args.force, timeout=args.timeout)
-    atomic_write_text(args.out, to_markdown(doc, None if args.models is None else models))
+    if args.markdown_only:
+        if not store.is_file():
+            ap.error(f"--markdown-only needs the results file {store}, which does not exist")
+        doc = json.loads(store.read_text())
+    else:
+        doc = build_table(models, store, force=args.force, timeout=args.timeout)
+    pending = sorted(m for m in models if m not in doc["rows"] and m not in doc.get("skipped", {}))
+    atomic_write_text(args.out, to_markdown(doc, None if args.models is None else models, pending=pending))
     s = summary(doc, None if args.models is None else models)
     print(f"{s['ok']}/{s['cells']} cells ok ({100 * s['ok_fraction']:.1f}%), {s['n/a']} n/a, {s['failed']} failed -> {args.out}")
     return 0
