@@ -160,13 +160,13 @@ def test_non_finite_weights_are_an_error(fashion_model):
 
 def test_a_visualization_below_the_data_is_flagged_on_its_page(fashion_model, tmp_path):
     """Issue 15 item 4, on the pages: a render that does not beat the best data set image says so."""
-    from circuits.figures.pages import render_pages_images_vs_data
+    from circuits.figures.pages import render_pages_images
     from circuits.datasets import load_dataset
 
     data_images = load_dataset("fashion-mnist-test", 64)
     with pytest.warns(UserWarning, match="do not beat the best data set example"):
         # 0 steps: the random starting images, which the data beats
-        images, values, best = render_pages_images_vs_data(
+        images, values, best = render_pages_images(
             fashion_model, {"mixed3a": [40, 41]}, None, {"steps": 0, "seed": 0}, False, reference=data_images)
     assert set(best) == {"mixed3a:40", "mixed3a:41"} and all(np.isfinite(v) for v in best.values())
     assert all(values[k] <= best[k] for k in best)

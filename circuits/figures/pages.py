@@ -103,7 +103,6 @@ __all__ = [
     "SAMPLE_PER_LAYER",
     "default_neurons",
     "render_pages_images",
-    "render_pages_images_vs_data",
     "Link",
     "outgoing_connections",
     "PageData",
@@ -503,29 +502,20 @@ class PageData:
         return {layer: sorted(chs) for layer, chs in self.known.items()}
 
 
-def render_pages_images(model: nn.Module, targets: Mapping[str, Sequence[int]], cache: Any,
-                        render: Mapping[str, Any], progress: bool,
-                        reference: Optional[torch.Tensor] = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def render_pages_images(
+    model: nn.Module, targets: Mapping[str, Sequence[int]], cache: Any, render: Mapping[str, Any], progress: bool,
+    reference: Optional[torch.Tensor] = None,
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
     """Feature visualizations of ``targets`` in one batched render, cached.
 
     The targets are ordered by where their layer runs in the forward pass, so each batch
     (``render`` chunks them) stops at about the same depth. Returns ``({target: image},
-    {target: objective value})``; images are ``[H, W]`` or ``[H, W, 3]`` in ``[0, 1]``.
-    With ``reference`` (data set images ``[N, C, H, W]`` in ``[0, 1]``) the render compares
-    each image with the best of them (:meth:`~circuits.featurevis.RenderResult.compare_with_data`)
-    and :func:`render_pages_images_vs_data` gives the best data values too.
+    {target: objective value}, {target: best objective value over the reference images})``;
+    images are ``[H, W]`` or ``[H, W, 3]`` in ``[0, 1]``; the last mapping is empty without
+    ``reference`` (data set images ``[N, C, H, W]`` in ``[0, 1]``). A visualization that does
+    not beat its best data value is flagged on its page (and the render warns,
+    :class:`~circuits.featurevis.RenderWarning`).
     """
-    images, values, _ = render_pages_images_vs_data(model, targets, cache, render, progress, reference)
-    return images, values
-
-
-def render_pages_images_vs_data(
-    model: nn.Module, targets: Mapping[str, Sequence[int]], cache: Any, render: Mapping[str, Any], progress: bool,
-    reference: Optional[torch.Tensor] = None,
-) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
-    """:func:`render_pages_images` plus ``{target: best objective value over the reference
-    images}`` (empty without ``reference``). A visualization that does not beat it is flagged
-    on its page (and the render warns, :class:`~circuits.featurevis.RenderWarning`)."""
     from ..featurevis import render as fv_render
 
     order = {name: i for i, name in enumerate(layer_graph(model).order)}
@@ -628,8 +618,8 @@ def compute_pages(
         if dataset is not None:
             data, name = load_dataset(dataset, settings.dataset_size), DATASET_TITLES.get(dataset, dataset)
             labels = _dataset_labels(dataset, settings.dataset_size)
-    vis, vis_values, vis_data_best = render_pages_images_vs_data(model, targets, cache, settings.render, progress,
-                                                                  reference=data)
+    vis, vis_values, vis_data_best = render_pages_images(model, targets, cache, settings.render, progress,
+                                                           reference=data)
     examples: dict[str, Any] = {}
     if data is not None:
         from ..featurevis import neuron_examples
