@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import numbers
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -447,7 +448,8 @@ def nmf(
         batch_size: solve at most this many matrices at a time (results do not depend on
             it). Default: everything at once on a GPU and with the CPU kernel (which keeps one
             matrix per thread in cache; with ``progress`` it goes in 20 chunks to move the
-            bar); chunks of about 8 MB of ``X`` for the torch backend on the CPU.
+            bar); for the torch backend on the CPU chunks of about 8 MB of ``X``, at least one
+            per torch thread, solved side by side by ``torch.get_num_threads()`` threads.
         progress: show a tqdm bar (one step per chunk of matrices).
         backend: ``"auto"`` (default): ``"numba"`` for float32/float64 data on the CPU when
             numba is installed, else ``"torch"``. ``"numba"``: a fused kernel compiled with
@@ -478,17 +480,17 @@ def nmf(
     args = (X, n_components, kernel, threads, max_iter, tol, init, seed, H, batch_size, progress)
     if not on_cpu:
         return _nmf(*args)
-    # On the CPU torch's own ops here are small: one intra-op thread, unless the torch solver
-    # runs on a large batch (its batched products then gain from threads). Waking a thread per
-    # op costs more than it saves, and on a busy machine it costs a time slice per op.
-    small = kernel is not None or int(np.prod(getattr(X, "shape", ()))) < _TORCH_THREADS_FROM
-    with _intra_op_threads(1 if small else threads):
+    # On the CPU torch's own ops here are small: one intra-op thread each. Waking a thread per
+    # op costs more than it saves (on a busy machine a time slice per op). The torch solver
+    # instead shares its chunks of matrices over ``threads`` Python threads (torch releases the
+    # GIL inside each op), like the kernel shares matrices over its threads.
+    with _intra_op_threads(1):
         return _nmf(*args)
 
 
-# the torch solver on the CPU uses torch's threads from this many elements of X on
-_TORCH_THREADS_FROM = 1 << 20
 _THREADS_LOCK = threading.RLock()
+# the torch solver on the CPU shares its chunks over threads from this many elements of X on
+_TORCH_WORKERS_FROM = 1 << 19
 
 
 @contextmanager
@@ -521,9 +523,12 @@ def _nmf(
     if batch_size is None:
         if kernel is not None:  # each matrix is solved alone anyway; chunks only pace the bar
             batch_size = -(-B // 20) if progress else B
+        elif dev.type != "cpu":  # GPU: everything at once
+            batch_size = B
         else:
-            # CPU: chunks of about 8 MB of X stay in cache across iterations; GPU: everything at once.
-            batch_size = B if dev.type != "cpu" else max(1, (8 << 20) // (m * n * Xt.element_size()))
+            # CPU: chunks of about 8 MB of X stay in cache across iterations, at least one per thread.
+            per_thread = -(-B // max(1, threads)) if B * m * n >= _TORCH_WORKERS_FROM else B
+            batch_size = max(1, min((8 << 20) // (m * n * Xt.element_size()), per_thread))
     elif isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int or None; got {batch_size!r}")
     Hfix: Optional[torch.Tensor] = None
@@ -551,29 +556,43 @@ def _nmf(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(chunks), desc=f"NMF x{B} (chunks)", leave=False)
-    parts = []
-    for i in chunks:
+    def solve_chunk(i: int) -> tuple[torch.Tensor, ...]:
         sl = slice(i, i + batch_size)
         Xc = Xt[sl]
         Hc = Hfix[sl] if Hfix is not None else None if H_all is None else H_all[sl]
         Wc = None if Wt_all is None else Wt_all[sl]
         if kernel is not None:
-            parts.append(_solve_kernel(kernel, Xc, k, Wc, Hc, init, Hfix is None, max_iter, float(tol), threads))
+            return _solve_kernel(kernel, Xc, k, Wc, Hc, init, Hfix is None, max_iter, float(tol), threads)
+        if Hfix is not None:
+            Hc = Hc.contiguous().clone()
+            avg = (Xc.mean(dim=(1, 2)) / k).sqrt()[:, None, None]
+            Wc = avg.expand(Xc.shape[0], k, m).contiguous().clone()
+        elif Hc is not None and Wc is not None:
+            Hc, Wc = Hc.clone(), Wc.clone()
         else:
-            if Hfix is not None:
-                Hc = Hc.contiguous().clone()
-                avg = (Xc.mean(dim=(1, 2)) / k).sqrt()[:, None, None]
-                Wc = avg.expand(Xc.shape[0], k, m).contiguous().clone()
-            elif Hc is not None and Wc is not None:
-                Hc, Wc = Hc.clone(), Wc.clone()
-            else:
-                W0, Hc = _nndsvd(Xc, k, fill=init == "nndsvda")
-                Wc = W0.mT.contiguous()
-            parts.append(_solve(Xc, Wc, Hc, Hfix is None, max_iter, float(tol)))
+            W0, Hc = _nndsvd(Xc, k, fill=init == "nndsvda")
+            Wc = W0.mT.contiguous()
+        return _solve(Xc, Wc, Hc, Hfix is None, max_iter, float(tol))
+
+    # Below ~0.5M elements of X a thread pool costs more than it saves (measured on 2 cores).
+    side_by_side = kernel is None and dev.type == "cpu" and B * m * n >= _TORCH_WORKERS_FROM
+    workers = min(threads, len(chunks)) if side_by_side else 1
+    try:
+        if workers > 1:  # the torch solver on the CPU: chunks solved side by side, one core each
+            with ThreadPoolExecutor(workers, thread_name_prefix="circuits-nmf") as pool:
+                futures = [pool.submit(solve_chunk, i) for i in chunks]
+                for f in futures:
+                    f.add_done_callback(lambda _f: bar.update(1) if bar is not None else None)
+                parts = [f.result() for f in futures]
+        else:
+            parts = []
+            for i in chunks:
+                parts.append(solve_chunk(i))
+                if bar is not None:
+                    bar.update(1)
+    finally:
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     Wt, Hs, n_iter, converged = (torch.cat([p[i] for p in parts]) for i in range(4))
 
     W = Wt.mT.contiguous()

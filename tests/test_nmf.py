@@ -196,6 +196,39 @@ def test_numba_results_do_not_depend_on_threads_and_allow_concurrent_callers(mon
         assert torch.equal(r.W, one.W) and torch.equal(r.H, one.H)
 
 
+def test_torch_backend_shares_chunks_over_threads_with_the_same_results(monkeypatch):
+    """On the CPU the torch solver solves its chunks side by side, one Python thread per torch
+    thread (one intra-op thread each); the numbers are those of one thread, and the caller's
+    thread count is restored."""
+    from concurrent import futures
+
+    import circuits.nmf
+
+    X = _posneg_neurons(torch.randn(400, 32, 5, 5, generator=torch.Generator().manual_seed(3)))  # 400*25*64 >= 2**19
+    assert X.numel() >= circuits.nmf._TORCH_WORKERS_FROM
+    pools: list[int] = []
+    real = futures.ThreadPoolExecutor
+
+    def counting(n, *args, **kwargs):
+        pools.append(n)
+        return real(n, *args, **kwargs)
+
+    monkeypatch.setattr(circuits.nmf, "ThreadPoolExecutor", counting)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = nmf(X, 3, backend="torch")
+        assert pools == []
+        torch.set_num_threads(2)
+        two = nmf(X, 3, backend="torch", progress=True)
+        assert pools == [2] and torch.get_num_threads() == 2
+        tiny = nmf(X[:4], 3, backend="torch")  # below the threshold: no pool
+        assert pools == [2] and tiny.W.shape == (4, 25, 3)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.W, two.W) and torch.equal(one.H, two.H) and torch.equal(one.n_iter, two.n_iter)
+
+
 def test_backend_choice_and_errors(monkeypatch):
     import sys
 
