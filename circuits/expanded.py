@@ -309,6 +309,26 @@ def _split_batch(op: str, x: torch.Tensor) -> tuple[int, tuple[int, ...]]:
     return x.shape[0], tuple(x.shape[1:])
 
 
+# set on the outputs of ops computed from the model's parameters alone (see _constant_call)
+_CONSTANT_ATTR = "_circuits_model_constant"
+
+
+def _constant_call(args: tuple, kwargs: dict) -> bool:
+    """True for an op whose tensor arguments are all parameters of the model (or computed from
+    them alone): its result is a constant of the model, not a function of the input, so it runs
+    as it is whatever the policy (Swin V2 clamps and exponentiates its learned attention scale)."""
+    tensors = _tensors(args) + _tensors(tuple(kwargs.values()))
+    return bool(tensors) and all(isinstance(t, nn.Parameter) or getattr(t, _CONSTANT_ATTR, False) for t in tensors)
+
+
+def _run_constant(func: Callable, args: tuple, kwargs: dict) -> object:
+    out = func(*args, **kwargs)
+    for t in _tensors(out if isinstance(out, (tuple, list)) else (out,)):
+        if not isinstance(t, nn.Parameter):
+            setattr(t, _CONSTANT_ATTR, True)
+    return out
+
+
 def _data_dependent(op: str, args: tuple, kwargs: dict) -> bool:
     """False for the ops that are affine in some calls: batch norm in eval mode, instance norm
     with running statistics."""
@@ -861,6 +881,8 @@ class _RecordMode(_PolicyMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if _constant_call(args, kwargs):
+            return _run_constant(func, args, kwargs)
         op = _CANONICAL.get(getattr(func, "__name__", ""))
         if not self._freezes(op, args, kwargs):
             return func(*args, **kwargs)
@@ -1106,6 +1128,8 @@ class _LinearizeMode(_PolicyMode):
     # -- the dispatch
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
+        if _constant_call(args, kwargs):
+            return _run_constant(func, args, kwargs)
         name = getattr(func, "__name__", "")
         if not self.active:
             op = _CANONICAL.get(name)

@@ -318,6 +318,30 @@ def test_relu_like_activations_become_identity(act, scale):
         expanded_weights(model, "x", "m.b", input_shape=(2, 12, 12), policy="article")
 
 
+class ScaledByParameter(nn.Module):
+    """A nonlinear function of a parameter scales the activations (Swin V2's attention scale:
+    ``torch.clamp(logit_scale, max=log(100)).exp()``): a constant of the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor([0.7]))
+
+    def forward(self, x):
+        return x * torch.tanh(torch.clamp(self.logit_scale, max=0.5).exp())
+
+
+@pytest.mark.parametrize("policy", ["default", "article"])
+def test_ops_on_parameters_alone_are_constants_under_every_policy(policy):
+    torch.manual_seed(5)
+    model = _chain_input(Chain(ScaledByParameter()))
+    E = expanded_weights(model, "x", "m.b", input_shape=(2, 12, 12), policy=policy)
+    scale = float(torch.tanh(torch.tensor(0.5).exp()))
+    assert_close(E, _composed(model.m, scale))
+    # the same ops on the input are still refused (tanh of an activation is not linear)
+    with pytest.raises(UnsupportedNonlinearityError, match="tanh"):
+        expanded_weights(_chain_input(Chain(nn.Tanh())), "x", "m.b", input_shape=(2, 12, 12), policy=policy)
+
+
 def test_policy_mappings_and_their_errors():
     torch.manual_seed(4)
     model = _chain_input(Chain(nn.Tanh()))
