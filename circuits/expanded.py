@@ -21,7 +21,9 @@ operation replaced by a stand-in, without touching the model. What each op becom
   multiplicative gates (``sigmoid``, ``hardsigmoid``: squeeze-excitation's
   ``x * sigmoid(f(x))``) and attention (``softmax``, ``scaled_dot_product_attention``,
   ``nn.MultiheadAttention``).
-  Other nonlinear ops (tanh, clamp, products of two activations, ...) are refused.
+  Other nonlinear ops (tanh, clamp, products of two activations, ...) are refused. Under
+  every policy an op on the model's parameters alone (Swin V2's clamped, exponentiated
+  attention scale) is a constant of the model and runs unchanged.
 * ``"article"``: the article's rule only (ReLU → identity, max pool → average pool,
   LRN → identity); anything else raises :class:`UnsupportedNonlinearityError`.
 * a mapping from op name or module type to a rule, on top of ``"default"``:
@@ -1856,11 +1858,10 @@ def expanded_weights(
     together with what was frozen and at which reference.
 
     All output channels are computed in one backward pass per ``batch_size`` chunk (default:
-    all at once) and reference image: ``from_layer``'s activation is replaced by a zero
-    tensor with one copy per output channel in the batch, the forward stops at ``to_layer``,
-    and the sum of each copy's own centre output is back-propagated once (with attention on
-    the path: one forward pass, then one backward pass per output channel; see the module
-    docs). The input size is the smallest that gives the same result as ``input_shape``
+    all at once; 128 channels with attention on the path, where the whole token grid travels)
+    and reference image: ``from_layer``'s activation is replaced by a zero tensor with one
+    copy per output channel in the batch, the forward stops at ``to_layer``, and the sum of
+    each copy's own centre output is back-propagated once. The input size is the smallest that gives the same result as ``input_shape``
     (``(C, H, W)``, default the model's ``input_shape``) or, with frozen ops, as the
     reference's size (see the module docs).
 
