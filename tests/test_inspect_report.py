@@ -194,3 +194,12 @@ def load_model_state():
     from circuits.models import load_model
 
     return {k: v.clone() for k, v in load_model().state_dict().items()}
+
+
+def test_report_tables_flag_nan_and_inf_instead_of_leaving_them_blank():
+    from circuits.inspect import html as H
+
+    out = H.table(["tensor", "mean", "std"], [["a", float("nan"), 1.5], ["b", float("inf"), None]], [True, False])
+    assert out.count('class="circuits-nan"') == 2 and ">NaN<" in out and "+Inf" in out
+    assert "<td>1.5</td>" in out and "<td></td>" in out and out.count('class="flag"') == 1
+    assert H.cell([1, 2, 3]) == "1, 2, 3" and "NaN" in H.cell(float("nan"))

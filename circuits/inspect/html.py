@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
+
+from .._display import table_html, value_html
 
 __all__ = ["page", "table", "figure", "png_base64", "cell", "bullet_list", "output_folder"]
 
@@ -24,26 +25,14 @@ figure{display:inline-block;margin:1em;vertical-align:top}img{max-width:900px}
 
 
 def cell(value: Any) -> str:
-    """One table cell's text: floats to 4 significant digits, NaN/None empty, lists joined."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.4g}"
-    if isinstance(value, (list, tuple)):
-        shown = ", ".join(map(str, value[:12]))
-        return shown + (f" ... ({len(value)})" if len(value) > 12 else "")
-    return str(value)
+    """One table cell as HTML: floats to 4 significant digits, NaN/Inf flagged in red (never
+    blank: a NaN statistic is a finding), None empty, lists joined."""
+    return value_html(value)
 
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], flagged: Iterable[bool] = ()) -> str:
-    """An HTML table; rows whose ``flagged`` entry is true are highlighted."""
-    marks = list(flagged)
-    body = []
-    for i, row in enumerate(rows):
-        cls = ' class="flag"' if i < len(marks) and marks[i] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(cell(v))}</td>" for v in row) + "</tr>")
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    return f"<table><tr>{head}</tr>\n" + "\n".join(body) + "</table>"
+    """An HTML table; rows whose ``flagged`` entry is true are highlighted; NaN/Inf cells flagged."""
+    return table_html(columns, rows, flagged)
 
 
 def png_base64(fig: Any, dpi: int = 90) -> str:
