@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -91,12 +91,17 @@ class LayerGraph:
         order: names in the order of their first call.
         producers: ``{tensor number: [names]}`` of the modules whose call returned that
             tensor, outermost first (a container returns its last child's tensor).
+        input_free: names of the modules whose output does not depend on the model's input
+            (the same for a second probe input): computed from parameters and buffers alone,
+            e.g. Swin V2's position-bias MLP ``attn.cpb_mlp``. They are not layers of the
+            network's data path: never paged, never upstream or downstream of a layer.
     """
 
     input_shape: tuple[int, ...]
     calls: dict[str, list[Call]]
     order: list[str]
     producers: dict[int, list[str]] = field(default_factory=dict)
+    input_free: frozenset = frozenset()
 
     def call(self, name: str) -> Optional[Call]:
         """The call ``name`` (``"layer"`` when called once, ``"layer#k"`` for the k-th call);
@@ -163,9 +168,26 @@ def layer_graph(model: nn.Module, input_shape: Optional[Sequence[int]] = None, r
                 producers[c.output].append(name)
     for names in producers.values():
         names.sort(key=lambda n: rank[n])
-    graph = LayerGraph(tuple(x.shape[1:]), calls, order, producers)
+    graph = LayerGraph(tuple(x.shape[1:]), calls, order, producers, _input_free(records, trace(model, 1.0 - x)))
     per_model[key] = graph
     return graph
+
+
+def _input_free(first: Sequence[Any], second: Sequence[Any]) -> frozenset:
+    """Names whose every call returned the same tensor values for two different inputs."""
+    outs: dict[str, list[Optional[torch.Tensor]]] = {}
+    for rec in first:
+        outs.setdefault(rec.module_name, []).append(rec.output)
+    again: dict[str, list[Optional[torch.Tensor]]] = {}
+    for rec in second:
+        again.setdefault(rec.module_name, []).append(rec.output)
+    same = set()
+    for name, a in outs.items():
+        b = again.get(name, [])
+        if len(a) == len(b) and all(u is not None and v is not None and u.shape == v.shape and torch.equal(u, v)
+                                    for u, v in zip(a, b)):
+            same.add(name)
+    return frozenset(same)
 
 
 def channel_counts(model: nn.Module, input_shape: Optional[Sequence[int]] = None) -> dict[str, int]:
@@ -381,7 +403,8 @@ def default_upstream(model: nn.Module, layer: str) -> list[str]:
     blocks = block_outputs(model, graph)
     if layer in blocks and blocks.index(layer) > 0:
         return [blocks[blocks.index(layer) - 1]]
-    before = [n for n in graph.order if n != layer and graph.output_shape(n) and graph.n_calls(n) == 1]
+    before = [n for n in graph.order
+              if n != layer and graph.output_shape(n) and graph.n_calls(n) == 1 and n not in graph.input_free]
     if layer in graph.order:
         before = before[: graph.order.index(layer)]
         earlier_blocks = [b for b in blocks if b in before]

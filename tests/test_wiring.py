@@ -128,3 +128,34 @@ def test_select_neurons(fashion):
         wiring.select_neurons(fashion, ["mixed3b"], ["mixed3b:12@3,4"])
     with pytest.raises(ValueError, match="names a layer, not a neuron"):
         wiring.select_neurons(fashion, ["mixed3b"], ["mixed3b"])
+
+
+class _PositionBias(nn.Module):
+    """A block whose attention-like bias comes from an MLP on a buffer (Swin V2's ``cpb_mlp``):
+    that MLP runs in the forward pass but does not depend on the input."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bias_mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, c))
+        self.register_buffer("coords", torch.randn(1, 2))
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + self.bias_mlp(self.coords)[0][None, :, None, None])
+
+
+def test_modules_that_ignore_the_input_are_not_on_the_data_path():
+    from circuits.figures.pages import _next_layer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _PositionBias(4), _PositionBias(4), nn.Flatten(),
+                          nn.LazyLinear(5))
+    model(torch.rand(1, 3, 8, 8))
+    model.eval().input_shape = (3, 8, 8)
+    graph = wiring.layer_graph(model)
+    assert graph.input_free == {"1.bias_mlp", "1.bias_mlp.0", "1.bias_mlp.1", "1.bias_mlp.2",
+                                "2.bias_mlp", "2.bias_mlp.0", "2.bias_mlp.1", "2.bias_mlp.2"}
+    assert "1.conv" not in graph.input_free and "0" not in graph.input_free
+    # the layer after block 1 is block 2 (not the position MLP that runs first inside it)
+    assert _next_layer(model, "1") == "2"
+    assert not any("bias_mlp" in u for u in wiring.default_upstream(model, "2"))

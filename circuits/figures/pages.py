@@ -304,6 +304,7 @@ def _next_layer(model: nn.Module, layer: str) -> Optional[str]:
         return None
     later = graph.order[graph.order.index(layer) + 1:]
     counts = channel_counts(model)
+    later = [n for n in later if n not in graph.input_free]
     for name in later:
         if name not in counts or graph.n_calls(name) != 1:
             continue
