@@ -135,6 +135,15 @@ def test_site_structure(site):
             assert (html_file.parent / s).resolve().is_file(), (html_file, s)
 
 
+def watched_page(browser, problems: list[str]):
+    """A 1200x1000 page that appends its console errors, page errors and failed requests to ``problems``."""
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}"))
+    return page
+
+
 LABELS_OVERLAP = """() => {
   const els = [...document.querySelectorAll('.label, h1, h2, h3, figcaption, .crumbs, nav.pn a, .exhead, .sectionhead span')];
   const boxes = els.map(e => [e, e.getBoundingClientRect()]).filter(([e, r]) => r.width > 0 && r.height > 0);
@@ -173,10 +182,7 @@ def test_pages_in_chromium(site, tmp_path):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 1000})
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}"))
+            page = watched_page(browser, problems)
             page.goto((site / "index.html").as_uri(), wait_until="load")
             assert "neuron pages" in page.title()
             assert check_images(page) >= 4

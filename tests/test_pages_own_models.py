@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pages_browser import ARGS, CHROMIUM, LABELS_OVERLAP
+from test_pages_browser import ARGS, CHROMIUM, LABELS_OVERLAP, watched_page
 
 from circuits.cli import main
 
@@ -66,10 +66,7 @@ def test_own_model_site_in_chromium(own_site):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 1000})
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} {r.failure}"))
+            page = watched_page(browser, problems)
             images = 0
             for html_file in sorted(site.rglob("*.html")):  # every page of the site
                 page.goto(html_file.as_uri(), wait_until="load")
