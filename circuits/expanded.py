@@ -1861,9 +1861,9 @@ def expanded_weights(
     all at once; 128 channels with attention on the path, where the whole token grid travels)
     and reference image: ``from_layer``'s activation is replaced by a zero tensor with one
     copy per output channel in the batch, the forward stops at ``to_layer``, and the sum of
-    each copy's own centre output is back-propagated once. The input size is the smallest that gives the same result as ``input_shape``
-    (``(C, H, W)``, default the model's ``input_shape``) or, with frozen ops, as the
-    reference's size (see the module docs).
+    each copy's own centre output is back-propagated once. The input size is the smallest
+    that gives the same result as ``input_shape`` (``(C, H, W)``, default the model's
+    ``input_shape``) or, with frozen ops, as the reference's size (see the module docs).
 
     Memory is about ``batch_size`` × the activations between the two layers at that size;
     ``progress=True`` shows a tqdm bar over the chunks.

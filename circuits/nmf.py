@@ -520,6 +520,9 @@ def _nmf(
     dev, dtype = Xt.device, Xt.dtype
     if exps is not None:  # exact powers of 4, computed in float64 (the factor may exceed float32)
         Xt = (Xt.to(torch.float64) * torch.exp2(-2 * exps)[:, None, None]).to(dtype)
+    # The torch solver on the CPU solves its chunks side by side, one thread each; below ~0.5M
+    # elements of X a thread pool costs more than it saves (measured on 2 cores).
+    side_by_side = kernel is None and dev.type == "cpu" and B * m * n >= _TORCH_WORKERS_FROM
     if batch_size is None:
         if kernel is not None:  # each matrix is solved alone anyway; chunks only pace the bar
             batch_size = -(-B // 20) if progress else B
@@ -527,7 +530,7 @@ def _nmf(
             batch_size = B
         else:
             # CPU: chunks of about 8 MB of X stay in cache across iterations, at least one per thread.
-            per_thread = -(-B // max(1, threads)) if B * m * n >= _TORCH_WORKERS_FROM else B
+            per_thread = -(-B // max(1, threads)) if side_by_side else B
             batch_size = max(1, min((8 << 20) // (m * n * Xt.element_size()), per_thread))
     elif isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int or None; got {batch_size!r}")
@@ -574,15 +577,14 @@ def _nmf(
             Wc = W0.mT.contiguous()
         return _solve(Xc, Wc, Hc, Hfix is None, max_iter, float(tol))
 
-    # Below ~0.5M elements of X a thread pool costs more than it saves (measured on 2 cores).
-    side_by_side = kernel is None and dev.type == "cpu" and B * m * n >= _TORCH_WORKERS_FROM
     workers = min(threads, len(chunks)) if side_by_side else 1
     try:
-        if workers > 1:  # the torch solver on the CPU: chunks solved side by side, one core each
+        if workers > 1:
             with ThreadPoolExecutor(workers, thread_name_prefix="circuits-nmf") as pool:
                 futures = [pool.submit(solve_chunk, i) for i in chunks]
-                for f in futures:
-                    f.add_done_callback(lambda _f: bar.update(1) if bar is not None else None)
+                if bar is not None:
+                    for f in futures:
+                        f.add_done_callback(lambda _f: bar.update(1))
                 parts = [f.result() for f in futures]
         else:
             parts = []

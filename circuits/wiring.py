@@ -30,12 +30,12 @@ from __future__ import annotations
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .layers import check_channel, example_input, get_layer, layer_names, parse_neuron, split_call, structure_key, trace
+from .layers import LayerCall, check_channel, example_input, get_layer, layer_names, parse_neuron, split_call, structure_key, trace
 from .layouts import get_layouts
 
 __all__ = [
@@ -134,7 +134,8 @@ def layer_graph(model: nn.Module, input_shape: Optional[Sequence[int]] = None, r
     """The :class:`LayerGraph` of ``model`` at ``input_shape`` (default: the model's), cached.
 
     Built from one :func:`circuits.layers.trace` (a forward pass in eval mode, flags restored,
-    hooks removed). The cache follows the model's structure: swapping a submodule for another
+    hooks removed), and a second with another input to find :attr:`LayerGraph.input_free`
+    modules. The cache follows the model's structure: swapping a submodule for another
     re-probes; ``refresh=True`` forces it.
     """
     x = example_input(model, input_shape)
@@ -173,21 +174,21 @@ def layer_graph(model: nn.Module, input_shape: Optional[Sequence[int]] = None, r
     return graph
 
 
-def _input_free(first: Sequence[Any], second: Sequence[Any]) -> frozenset:
+def _input_free(first: Sequence[LayerCall], second: Sequence[LayerCall]) -> frozenset:
     """Names whose every call returned the same tensor values for two different inputs."""
-    outs: dict[str, list[Optional[torch.Tensor]]] = {}
-    for rec in first:
-        outs.setdefault(rec.module_name, []).append(rec.output)
-    again: dict[str, list[Optional[torch.Tensor]]] = {}
-    for rec in second:
-        again.setdefault(rec.module_name, []).append(rec.output)
-    same = set()
-    for name, a in outs.items():
-        b = again.get(name, [])
-        if len(a) == len(b) and all(u is not None and v is not None and u.shape == v.shape and torch.equal(u, v)
-                                    for u, v in zip(a, b)):
-            same.add(name)
-    return frozenset(same)
+
+    def outputs(records: Sequence[LayerCall]) -> dict[str, list[Optional[torch.Tensor]]]:
+        by_name: dict[str, list[Optional[torch.Tensor]]] = {}
+        for rec in records:
+            by_name.setdefault(rec.module_name, []).append(rec.output)
+        return by_name
+
+    again = outputs(second)
+    return frozenset(
+        name for name, a in outputs(first).items()
+        if len(a) == len(again.get(name, [])) and all(
+            u is not None and v is not None and u.shape == v.shape and torch.equal(u, v) for u, v in zip(a, again[name]))
+    )
 
 
 def channel_counts(model: nn.Module, input_shape: Optional[Sequence[int]] = None) -> dict[str, int]:

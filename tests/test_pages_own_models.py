@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pages_browser import ARGS, CHROMIUM, LABELS_OVERLAP, watched_page
+from chromium import ARGS, CHROMIUM, LABELS_OVERLAP, watched_page
 
 from circuits.cli import main
 

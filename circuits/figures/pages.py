@@ -302,9 +302,8 @@ def _next_layer(model: nn.Module, layer: str) -> Optional[str]:
     graph = layer_graph(model)
     if layer not in graph.order:
         return None
-    later = graph.order[graph.order.index(layer) + 1:]
+    later = [n for n in graph.order[graph.order.index(layer) + 1:] if n not in graph.input_free]
     counts = channel_counts(model)
-    later = [n for n in later if n not in graph.input_free]
     for name in later:
         if name not in counts or graph.n_calls(name) != 1:
             continue
