@@ -179,6 +179,13 @@ def _median(model: torch.nn.Module, targets: list[str], images: np.ndarray | tor
     return statistics.median(activations(model, targets, images, resize).tolist())
 
 
+def _values_line(values: torch.Tensor) -> str:
+    """``values`` rounded, with how many are not positive (a neuron the image does not switch on)."""
+    inactive = [i for i, v in enumerate(values.tolist()) if not v > 0]
+    return (" ".join(f"{v:.3f}" for v in values.tolist())
+            + f"; {len(inactive)} of {len(values)} not positive" + (f" (positions {inactive})" if inactive else ""))
+
+
 def time_to_quality(ts: TargetSet, steps: int, every: int, ladder: Sequence[int], configs: dict[str, dict],
                     grid: Optional[Path] = None) -> dict:
     """Run Lucent batched for ``steps`` and each configuration of ours up the ``ladder``; print and return the times."""
@@ -190,11 +197,13 @@ def time_to_quality(ts: TargetSet, steps: int, every: int, ladder: Sequence[int]
     medians = [_median(ts.ours, targets, im, ts.resize) for im in lucent_imgs]  # type: ignore[union-attr]
     bar = medians[-1]
     reach = next(s for s, m in zip(thresholds, medians) if m >= bar)
+    lucent_values = activations(ts.ours, targets, lucent_imgs[-1], ts.resize)  # type: ignore[index]
+    print(f"[featurevis {ts.name}] Lucent batched at {steps} steps, per target: {_values_line(lucent_values)}", flush=True)
     t_lucent_q = t_lucent * reach / steps
     print(f"[featurevis {ts.name}] {torch.get_num_threads()} torch thread(s); Lucent batched: {steps} steps in {t_lucent:.1f} s ({t_lucent / steps * 1000:.0f} ms/step); "
           f"median objective {bar:.4f} (the bar), first reached at step {reach} -> {t_lucent_q:.1f} s", flush=True)
     out: dict = {"lucent_s": t_lucent, "lucent_to_quality_s": t_lucent_q, "bar": bar, "lucent_medians": dict(zip(thresholds, medians)),
-                 "lucent_images": lucent_imgs[-1], "ours": {}}  # type: ignore[index]
+                 "lucent_images": lucent_imgs[-1], "lucent_values": lucent_values, "ours": {}}  # type: ignore[index]
     render(ts.ours, targets[:1], steps=1, size=ts.size, progress=False)  # warm-up (allocator, FFT plans)
     seen: dict[str, str] = {}
     for name, kw in configs.items():
@@ -218,7 +227,10 @@ def time_to_quality(ts: TargetSet, steps: int, every: int, ladder: Sequence[int]
                 break
         s_ok, dt_ok, med_ok = tried[-1]
         reached = med_ok >= bar
-        entry = {"steps": s_ok, "seconds": dt_ok, "median": med_ok, "reached": reached, "tried": tried, "images": res.images}
+        values = activations(ts.ours, targets, res.images, ts.resize)
+        print(f"[featurevis {ts.name}] circuits {name} at {s_ok} steps, per target: {_values_line(values)}", flush=True)
+        entry = {"steps": s_ok, "seconds": dt_ok, "median": med_ok, "reached": reached, "tried": tried, "images": res.images,
+                 "values": values}
         if reached:
             entry["report"] = report(f"featurevis time to quality, {ts.name}, {name}", "lucent batched", t_lucent_q, dt_ok,
                                      extra=f"{len(targets)} x {ts.layer}, bar {bar:.4f} (Lucent's 512-step median); "

@@ -317,6 +317,58 @@ def test_redirected_relu_revives_dead_units() -> None:
     assert not torch.allclose(redirected.images, start.images)
 
 
+class _Gate(nn.Module):
+    """``relu(x_r + x_g + x_b - 2.4)``: dead for the grey start image, alive once the pixel sum passes 2.4."""
+
+    input_shape = (3, 16, 16)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        self.act = nn.ReLU()
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0)
+            self.conv.bias.fill_(-2.4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+def test_redirected_relu_stays_on_while_an_image_is_stalled(monkeypatch) -> None:
+    model = _Gate().eval()
+    kw = dict(steps=60, param="pixel", transforms="none", progress=False)
+    assert float(render(model, "act:0", steps=0, param="pixel", transforms="none", progress=False).objective_values[0]) == 0
+    lucid = render(model, "act:0", redirected_relu=16, **kw)  # Lucid's rule: 16 steps are not enough here
+    revived = render(model, "act:0", **kw)
+    assert float(lucid.objective_values[0]) == 0
+    assert float(revived.objective_values[0]) > 0.05
+    requests = [render_mod.cache_requests(model, "act:0", **kw, redirected_relu=r)[0] for r in (True, 16)]
+    assert requests[0]["redirect_stalled"] is True and requests[1]["redirect_stalled"] is False
+
+    flags: list[bool] = []
+    real = render_mod.redirected_relu
+
+    def recording(enabled: bool = True):
+        flags.append(bool(enabled))
+        return real(enabled)
+
+    monkeypatch.setattr(render_mod, "redirected_relu", recording)
+    # a neuron that no image can switch on: step 16 (ordinary ReLU) finds the image stalled, and
+    # every later step is redirected
+    dead = _Gate().eval()
+    with torch.no_grad():
+        dead.conv.bias.fill_(-100.0)
+    render(dead, "act:0", steps=24, progress=False)
+    assert flags == [True] * 16 + [False] + [True] * 7
+    flags.clear()
+    render(dead, "act:0", steps=24, redirected_relu=5, progress=False)
+    assert flags == [True] * 5 + [False] * 19
+    flags.clear()
+    # images that are alive: Lucid's 16 steps only
+    render(TinyRGB().eval(), ["conv2:0", "conv2:1"], steps=24, progress=False)
+    assert flags == [True] * 16 + [False] * 8
+
+
 # --- cache ------------------------------------------------------------------------------
 
 def test_cache_hits_and_corrupt_files(fashion: nn.Module, tmp_path, monkeypatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import statistics
 from pathlib import Path
 
 import pytest
@@ -26,5 +27,8 @@ def test_time_to_quality_benchmark_runs(monkeypatch, tmp_path, capsys) -> None:
         for entry in res["ours"].values():
             assert entry["steps"] in (2, 4, 8) and entry["seconds"] > 0
             assert entry["reached"] == (entry["median"] >= res["bar"])
+            assert entry["values"].shape == (2,) and statistics.median(entry["values"].tolist()) == pytest.approx(entry["median"])
+        assert statistics.median(res["lucent_values"].tolist()) == pytest.approx(res["bar"])
         assert (tmp_path / f"featurevis_{name}.png").is_file()
     assert "Lucent batched: 4 steps" in printed and "(the bar)" in printed
+    assert "Lucent batched at 4 steps, per target: " in printed and " of 2 not positive" in printed

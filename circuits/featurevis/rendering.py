@@ -58,7 +58,8 @@ __all__ = [
 
 #: Version of the cache request format and of the image-changing defaults behind it.
 #: 2: per-size default transforms and optimiser, learning-rate schedules, bfloat16 on the CPU, ``param_init``.
-_CACHE_VERSION = 2
+#: 3: ``redirected_relu=True`` also revives stalled images after the first 16 steps (``redirect_stalled``).
+_CACHE_VERSION = 3
 
 TargetLike = Union[str, Objective]
 Settings = Union[None, RenderSettings, Mapping[str, Any]]
@@ -247,6 +248,7 @@ class _Plan:
     lr: float
     schedule: str
     redirect_steps: int
+    redirect_stalled: bool
     amp: bool
     channels_last: bool
     fast_lrn: bool
@@ -293,7 +295,7 @@ def _plan(model: nn.Module, s: RenderSettings, device: Union[str, torch.device, 
     schedule = s.schedule if s.schedule is not None else schedule
     fast_lrn = any(isinstance(m, nn.LocalResponseNorm) for m in model.modules())
     return _Plan(s, channels, size, out_size, _resolve_transforms(s.transforms, size), lr, schedule, s.redirect_steps(),
-                 amp, channels_last, fast_lrn, dev, dtype)
+                 s.redirect_stalled(), amp, channels_last, fast_lrn, dev, dtype)
 
 
 def _request_base(model: nn.Module, p: _Plan) -> dict:
@@ -313,6 +315,7 @@ def _request_base(model: nn.Module, p: _Plan) -> dict:
         "lr": p.lr,
         "schedule": p.schedule,
         "redirect_steps": p.redirect_steps,
+        "redirect_stalled": p.redirect_stalled,
         "mixed_precision": p.amp,
         "dtype": str(p.dtype),
     }
@@ -456,16 +459,26 @@ def _optimize(
             acts = run_until(model, x, layers)
         return evaluate_batch(objectives, acts, layouts).float()
 
+    stalled = torch.zeros(len(seeds), dtype=torch.bool, device=device)
+    revive = False
     with fast_ops(plan.fast_lrn):
         for step in range(s.steps):
-            with redirected_relu(step < plan.redirect_steps):
+            with redirected_relu(step < plan.redirect_steps or revive):
                 img = image()
                 if identity:
                     x01 = T.resize(img, plan.out_size)
                 else:
                     x01 = T.apply(img, thetas[step], plan.out_size, fill=transforms.fill)
-                loss = -forward(x01, plan.amp).sum()
-                loss.backward()
+                values = forward(x01, plan.amp)
+                (-values.sum()).backward()
+            if plan.redirect_stalled and step + 1 >= plan.redirect_steps:
+                # an image with no gradient at all would only drift on Adam's momentum and then stop
+                # for good: redirect (it only changes elements a ReLU cuts off completely) until its
+                # objective is positive
+                grad = image.tensor.grad
+                no_grad = grad.flatten(1).eq(0).all(1) if grad is not None else torch.ones_like(stalled)
+                stalled = (stalled | no_grad) & values.detach().le(0)
+                revive = bool(stalled.any())
             opt.lr = learning_rate(step, s.steps, plan.lr, plan.schedule)
             opt.step()
             if bar is not None:

@@ -108,8 +108,13 @@ class RenderSettings:
             above, 0.1 below).
         schedule: learning-rate schedule, one of :data:`SCHEDULES`; ``None``: the default for
             the image size (:func:`default_optimizer`: constant at 128 px and above, cosine below).
-        redirected_relu: redirected ReLU for the first 16 steps (``True``), never (``False``),
-            or for that many steps (an int).
+        redirected_relu: ``True``: redirected ReLU for the first 16 steps (Lucid's rule) and,
+            after them, again while some image is stalled: it got no gradient at all on a step
+            with the ordinary ReLU and its objective has not turned positive since (a neuron
+            that is dead for its image, common in random-init networks, would otherwise leave
+            that image flat grey). The redirected ReLU changes only batch elements that a ReLU
+            cuts off completely, so the other images of the batch are not affected.
+            ``False``: never. An int: for exactly that many steps (Lucid's rule is 16).
         resize_to: size the transformed image is resampled to before the model, an int or
             ``(height, width)``; ``None``: the model's input size.
         mixed_precision: bfloat16 autocast for the model's forward pass, on CUDA and on CPUs
@@ -228,9 +233,14 @@ class RenderSettings:
         return {k: d[k] for k in self.IMAGE_FIELDS}
 
     def redirect_steps(self) -> int:
-        """Number of steps that use the redirected ReLU."""
+        """Number of steps at the start that use the redirected ReLU."""
         r = self.redirected_relu
         return REDIRECT_STEPS if r is True else (0 if r is False else int(r))
+
+    def redirect_stalled(self) -> bool:
+        """Whether the redirected ReLU also returns, after :meth:`redirect_steps`, while an image is
+        stalled (no gradient, objective not positive): only for ``redirected_relu=True``."""
+        return self.redirected_relu is True
 
 
 def default_optimizer(size: Union[int, Sequence[int]]) -> tuple[float, str]:
