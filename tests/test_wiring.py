@@ -159,3 +159,17 @@ def test_modules_that_ignore_the_input_are_not_on_the_data_path():
     # the layer after block 1 is block 2 (not the position MLP that runs first inside it)
     assert _next_layer(model, "1") == "2"
     assert not any("bias_mlp" in u for u in wiring.default_upstream(model, "2"))
+
+
+def test_next_layer_is_never_a_container_returning_the_same_tensor():
+    """``layer1`` returns ``layer1.1``'s own output tensor: the outgoing connections of the last
+    block of a stage go to the next stage's first layer, not to an identity "connection"."""
+    from circuits.figures.pages import _next_layer
+
+    m = _tv("resnet18", 64)
+    graph = wiring.layer_graph(m)
+    assert graph.call("layer1").output == graph.call("layer1.1").output
+    assert _next_layer(m, "layer1.1") == "layer2.0.conv1"
+    for block in wiring.block_outputs(m, graph):
+        nxt = _next_layer(m, block)
+        assert nxt is not None and graph.call(nxt).output != graph.call(block).output, (block, nxt)

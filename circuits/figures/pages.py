@@ -302,7 +302,14 @@ def _next_layer(model: nn.Module, layer: str) -> Optional[str]:
     graph = layer_graph(model)
     if layer not in graph.order:
         return None
-    later = [n for n in graph.order[graph.order.index(layer) + 1:] if n not in graph.input_free]
+    own = graph.call(layer)
+    same = own.output if own is not None else None
+
+    def alias(name: str) -> bool:  # a container returning ``layer``'s own tensor (a stage ending in this block)
+        call = graph.call(name)
+        return same is not None and call is not None and call.output == same
+
+    later = [n for n in graph.order[graph.order.index(layer) + 1:] if n not in graph.input_free and not alias(n)]
     counts = channel_counts(model)
     for name in later:
         if name not in counts or graph.n_calls(name) != 1:
