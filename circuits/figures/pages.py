@@ -75,6 +75,7 @@ from ..layers import get_layer, parse_target
 from ..models import input_shape as model_input_shape
 from ..wiring import (
     NeuronSpec,
+    block_outputs,
     channel_counts,
     concat_branches,
     default_upstream,
@@ -296,9 +297,9 @@ ConnectionNorms = dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
 
 
 def _next_layer(model: nn.Module, layer: str) -> Optional[str]:
-    """The layer ``layer``'s neurons feed when no paged layer lists it: the first later layer
-    whose default upstream layers include it (the next block), else the model's last dense
-    layer (the logits)."""
+    """The layer ``layer``'s neurons feed when no paged layer lists it: the first later block
+    (:func:`~circuits.wiring.block_outputs`) whose default upstream layers include it, else the
+    first such later layer, else the model's last dense layer (the logits)."""
     graph = layer_graph(model)
     if layer not in graph.order:
         return None
@@ -311,7 +312,8 @@ def _next_layer(model: nn.Module, layer: str) -> Optional[str]:
 
     later = [n for n in graph.order[graph.order.index(layer) + 1:] if n not in graph.input_free and not alias(n)]
     counts = channel_counts(model)
-    for name in later:
+    blocks = set(block_outputs(model, graph))
+    for name in [n for n in later if n in blocks] + [n for n in later if n not in blocks]:
         if name not in counts or graph.n_calls(name) != 1:
             continue
         try:
