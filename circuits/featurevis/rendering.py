@@ -61,6 +61,10 @@ __all__ = [
 #: 3: ``redirected_relu=True`` also revives stalled images after the first 16 steps (``redirect_stalled``).
 _CACHE_VERSION = 3
 
+#: After the first redirected steps, stalled images are looked for on every this many steps (the
+#: check reads a flag back from the device: on a GPU, once a step would stall the queue).
+_STALL_CHECK = 4
+
 TargetLike = Union[str, Objective]
 Settings = Union[None, RenderSettings, Mapping[str, Any]]
 CacheLike = Union[None, bool, str, FeatureVisCache]
@@ -471,7 +475,7 @@ def _optimize(
                     x01 = T.apply(img, thetas[step], plan.out_size, fill=transforms.fill)
                 values = forward(x01, plan.amp)
                 (-values.sum()).backward()
-            if plan.redirect_stalled and step + 1 >= plan.redirect_steps:
+            if plan.redirect_stalled and step >= plan.redirect_steps and (step - plan.redirect_steps) % _STALL_CHECK == 0:
                 # an image with no gradient at all would only drift on Adam's momentum and then stop
                 # for good: redirect (it only changes elements a ReLU cuts off completely) until its
                 # objective is positive

@@ -110,10 +110,11 @@ class RenderSettings:
             the image size (:func:`default_optimizer`: constant at 128 px and above, cosine below).
         redirected_relu: ``True``: redirected ReLU for the first 16 steps (Lucid's rule) and,
             after them, again while some image is stalled: it got no gradient at all on a step
-            with the ordinary ReLU and its objective has not turned positive since (a neuron
-            that is dead for its image, common in random-init networks, would otherwise leave
-            that image flat grey). The redirected ReLU changes only batch elements that a ReLU
-            cuts off completely, so the other images of the batch are not affected.
+            with the ordinary ReLU (checked every 4 steps) and its objective has not turned
+            positive since (a neuron that is dead for its image, common in random-init
+            networks, would otherwise leave that image flat grey). The redirected ReLU changes
+            only batch elements that a ReLU cuts off completely, so the other images of the
+            batch are not affected.
             ``False``: never. An int: for exactly that many steps (Lucid's rule is 16).
         resize_to: size the transformed image is resampled to before the model, an int or
             ``(height, width)``; ``None``: the model's input size.
