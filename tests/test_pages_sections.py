@@ -180,3 +180,61 @@ def test_a_visualization_below_the_data_is_flagged_on_its_page(fashion_model, tm
     above = (tmp_path / "layers/mixed3a/41.html").read_text()
     assert "does not beat the best Fashion-MNIST image" in below
     assert "does not beat" not in above and "best Fashion-MNIST image" in above
+
+
+def test_all_channel_connections_are_remembered_until_the_model_changes(fashion_model, monkeypatch):
+    """The pages and the atlas ask for the same all-channel connections several times: the
+    second ask is answered from memory, but any change a result depends on (an in-place weight
+    update, ``.train()``, a hook) computes it again, and the memory dies with the model."""
+    import gc
+
+    calls = []
+    real = sections_module.connections_to
+
+    def counted(*args, **kwargs):
+        calls.append(args[1:3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sections_module, "connections_to", counted)
+    sections_module._ALL_CONNECTIONS_MEMO.pop(fashion_model, None)
+    up, layer = "mixed3a_3x3_bottleneck", "mixed3a"
+    first = sections_module.all_connections_to(fashion_model, up, layer)
+    again = sections_module.all_connections_to(fashion_model, up, layer)
+    assert len(calls) == 1 and again.keys() == first.keys() and all(again[c][0] is first[c][0] for c in first)
+    c = next(iter(first))
+    with pytest.raises(ValueError, match="read-only"):
+        first[c][0][0, 0, 0] = 1.0
+    conv = fashion_model.mixed3a_3x3_pre_relu_conv
+    saved = conv.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            conv.weight.mul_(2.0)
+        doubled = sections_module.all_connections_to(fashion_model, up, layer)
+        assert len(calls) == 2
+        np.testing.assert_allclose(doubled[c][0], 2 * first[c][0], rtol=1e-6)
+    finally:
+        with torch.no_grad():
+            conv.weight.copy_(saved)
+    restored = sections_module.all_connections_to(fashion_model, up, layer)
+    assert len(calls) == 3
+    np.testing.assert_allclose(restored[c][0], first[c][0], rtol=1e-6)
+    handle = fashion_model.mixed3a.register_forward_hook(lambda *a: None)
+    try:
+        sections_module.all_connections_to(fashion_model, up, layer)
+    finally:
+        handle.remove()
+    assert len(calls) == 4
+    # only the current state's results are kept, and at most _MEMO_PER_MODEL of them
+    assert len(sections_module._ALL_CONNECTIONS_MEMO[fashion_model]) == 1
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3)).eval()
+    model.input_shape = (3, 16, 16)
+    sections_module.all_connections_to(model, "1", "2")
+    assert model in sections_module._ALL_CONNECTIONS_MEMO
+    model.train()
+    sections_module.all_connections_to(model, "1", "2")
+    assert len(calls) == 6
+    size = len(sections_module._ALL_CONNECTIONS_MEMO)
+    del model
+    gc.collect()
+    assert len(sections_module._ALL_CONNECTIONS_MEMO) == size - 1

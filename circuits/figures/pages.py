@@ -88,8 +88,8 @@ from .raster import colorbar_rgb, png_data_uri, save_image_png, save_png, tile_i
 from .sections import (
     LayerConnections,
     NeuronConnections,
+    all_connections_to,
     connection_strengths,
-    connections_to,
     distinct_positions,
     layer_connections,
     output_connections,
@@ -362,7 +362,7 @@ def outgoing_connections(
                 continue
             given = (norms or {}).get(down, {}).get(up)
             if given is None:
-                found = connections_to(model, up, down, range(counts[down]), graph)
+                found = all_connections_to(model, up, down, graph)
                 given = connection_strengths(found, counts[down], counts[up])
             pairs[(down, up)] = given
     for layer in full:
@@ -375,7 +375,7 @@ def outgoing_connections(
         if len(shape) == 1:
             pairs[(nxt, layer)] = output_connections(model, layer, nxt)
         else:
-            found = connections_to(model, layer, nxt, range(counts[nxt]), graph)
+            found = all_connections_to(model, layer, nxt, graph)
             pairs[(nxt, layer)] = connection_strengths(found, counts[nxt], counts[layer])
     out: dict[tuple[str, int], list[Link]] = {}
     for (down, up), (nm, sm) in pairs.items():

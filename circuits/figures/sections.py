@@ -18,6 +18,8 @@ them completely, which says nothing).
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -33,6 +35,7 @@ __all__ = [
     "NeuronConnections",
     "LayerConnections",
     "connections_to",
+    "all_connections_to",
     "layer_connections",
     "layer_sections",
     "output_connections",
@@ -230,6 +233,53 @@ def connections_to(
     return result
 
 
+#: ``{model: {(stamp, upstream, layer): found}}``: :func:`all_connections_to`'s recent results,
+#: held only as long as the model lives (weak keys), at most ``_MEMO_PER_MODEL`` per model.
+_ALL_CONNECTIONS_MEMO: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_MEMO_PER_MODEL = 4
+
+
+def _model_stamp(model: nn.Module) -> tuple:
+    """Everything besides the layer names that connection weights depend on and that can change
+    in place: the module tree (names, types, train/eval mode, hooks), every parameter and
+    buffer (storage, in-place version counter, shape, dtype, device) and the input shape."""
+    modules = tuple((n, type(m).__qualname__, m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
+                    for n, m in model.named_modules())
+    tensors = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, str(t.device))
+                    for t in itertools.chain(model.parameters(), model.buffers()))
+    return modules, tensors, tuple(getattr(model, "input_shape", None) or ())
+
+
+def all_connections_to(model: nn.Module, upstream: str, layer: str,
+                       graph: Optional[LayerGraph] = None) -> dict[int, tuple[np.ndarray, str]]:
+    """:func:`connections_to` for *every* channel of ``layer``, remembered for the model.
+
+    The pages and the atlas ask for the same all-channel connections several times (a
+    layer's sections, then its upstream neurons' outgoing connections; the atlas estimate
+    builds its miniature pages twice), and through attention or a wide layer each costs one
+    backward pass per channel. The result is kept while the model lives and is reused only
+    while nothing it depends on has changed (:func:`_model_stamp`: an optimiser step, a
+    ``load_state_dict``, a swapped module, a hook or ``.train()`` invalidates it). The weight
+    arrays are read-only."""
+    counts = channel_counts(model)
+    stamp = _model_stamp(model)
+    memo = _ALL_CONNECTIONS_MEMO.setdefault(model, {})
+    key = (stamp, upstream, layer)
+    if key in memo:
+        found = memo.pop(key)
+        memo[key] = found  # most recently used last
+        return dict(found)
+    found = connections_to(model, upstream, layer, range(counts[layer]), graph)
+    for w, _kind in found.values():
+        w.flags.writeable = False
+    for old in [k for k in memo if k[0] != stamp]:  # the model changed: those can never be asked for again
+        del memo[old]
+    memo[key] = found
+    while len(memo) > _MEMO_PER_MODEL:
+        del memo[next(iter(memo))]
+    return dict(found)
+
+
 def _sections_of(found: dict[int, tuple[np.ndarray, str]], channels: Sequence[int], up: str, *, top_k: int,
                  factor_threshold: float, n_factors: int) -> dict[int, NeuronConnections]:
     """The sections from ``up`` of ``channels`` (those ``found`` reaches)."""
@@ -316,7 +366,7 @@ def layer_connections(
     n_out = counts[layer]
     result = LayerConnections(layer, {c: [] for c in channels})
     for up in upstream:
-        found = connections_to(model, up, layer, range(n_out), graph)
+        found = all_connections_to(model, up, layer, graph)
         norms, sums = connection_strengths(found, n_out, counts[up])
         kinds = {kind for _w, kind in found.values()}
         result.norms[up], result.sums[up] = norms, sums

@@ -219,7 +219,7 @@ def rank_inputs(weights: object, top_n: Optional[int] = None) -> tuple[np.ndarra
     w = _neuron_weights(weights)
     if top_n is not None and top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
-    ranked = top_inputs(torch.from_numpy(w), w.shape[0])
+    ranked = top_inputs(torch.from_numpy(w if w.flags.writeable else w.copy()), w.shape[0])
     order = ranked.indices.numpy()
     norms = np.empty(w.shape[0])
     norms[order] = ranked.norms.numpy()
