@@ -269,11 +269,13 @@ def test_render_is_seeded() -> None:
     other = render(fashion, TARGETS, steps=12, progress=False, seed=8)
     assert not torch.allclose(other.images, r.images)
     # float32: oneDNN rounds differently per batch size and Adam's normalisation amplifies
-    # last-bit differences (lr 0.1 at 28 px): batched and alone agree to a few 1e-3; exact
-    # equality is checked in float64 below
+    # last-bit differences (lr 0.1 at 28 px): batched and alone agree to a few 1e-3 on average,
+    # a few pixels up to 0.021 on Intel AVX-512 kernels (2026-12-06); exact equality is checked
+    # in float64 below
     for i, t in enumerate(TARGETS):
         alone = render(fashion, t, **kw)
-        torch.testing.assert_close(alone.images[0], r.images[i], atol=5e-3, rtol=0)
+        diff = (alone.images[0] - r.images[i]).abs()
+        assert float(diff.mean()) < 5e-3 and float(diff.max()) < 5e-2, (t, float(diff.mean()), float(diff.max()))
 
 
 def test_batched_equals_alone_float64(fashion: nn.Module) -> None:
