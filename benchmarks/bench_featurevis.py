@@ -175,6 +175,14 @@ def fashion_set(n: int) -> TargetSet:
     return TargetSet("fashion", model, model, "mixed4a", list(range(n)), 28, kw)
 
 
+def render_key(ts: TargetSet, settings: RenderSettings, **extra: object) -> str:
+    """What makes two configurations the same render, as a string: the cache request of the
+    first target, the speed fields (not in the cache key, but they change the time) and ``extra``."""
+    speed = {f: getattr(settings, f) for f in settings.SPEED_FIELDS}
+    request = cache_requests(ts.ours, ts.targets[:1], settings.replace(steps=1))[0]
+    return json.dumps([request, speed, extra], sort_keys=True, default=str)
+
+
 def _median(model: torch.nn.Module, targets: list[str], images: np.ndarray | torch.Tensor, resize: int) -> float:
     return statistics.median(activations(model, targets, images, resize).tolist())
 
@@ -208,7 +216,7 @@ def time_to_quality(ts: TargetSet, steps: int, every: int, ladder: Sequence[int]
     seen: dict[str, str] = {}
     for name, kw in configs.items():
         settings = ts.settings(**kw)
-        request = json.dumps(cache_requests(ts.ours, targets[:1], settings.replace(steps=1))[0], sort_keys=True, default=str)
+        request = render_key(ts, settings)
         if request in seen:
             print(f"[featurevis {ts.name}] circuits {name}: the same render as {seen[request]!r}", flush=True)
             out["ours"][name] = out["ours"][seen[request]]

@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from typing import Optional
 
 import torch
 
-from circuits.featurevis import cache_requests, render
+from circuits.featurevis import render
 
-from .bench_featurevis import activations, fashion_set, inceptionv1_set
+from .bench_featurevis import activations, fashion_set, inceptionv1_set, render_key
 
 #: Options timed against the library defaults (``render`` keyword arguments; ``compile`` is
 #: handled here, by compiling the model).
@@ -68,9 +67,7 @@ def option_study(ts, steps: int, options: dict[str, dict]) -> dict[str, dict]:
         kw = dict(kw)
         compiled = bool(kw.pop("compile", False))
         settings = ts.settings(**kw)
-        speed = {f: getattr(settings, f) for f in settings.SPEED_FIELDS}  # not in the cache key, but timed here
-        request = json.dumps([compiled, speed, cache_requests(ts.ours, targets[:1], settings.replace(steps=1))[0]],
-                             sort_keys=True, default=str)
+        request = render_key(ts, settings, compiled=compiled)
         if request in seen:  # e.g. at 28 px the defaults already are the cosine schedule from lr 0.1
             print(f"[featurevis options {ts.name}] {name}: the same render as {seen[request]!r}", flush=True)
             out[name] = {**out[seen[request]], "same_as": seen[request]}

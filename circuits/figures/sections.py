@@ -243,7 +243,7 @@ def _model_stamp(model: nn.Module) -> tuple:
     """Everything besides the layer names that connection weights depend on and that can change
     in place: the module tree (names, types, train/eval mode, hooks), every parameter and
     buffer (storage, in-place version counter, shape, dtype, device) and the input shape."""
-    modules = tuple((n, type(m).__qualname__, m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
+    modules = tuple((n, type(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
                     for n, m in model.named_modules())
     tensors = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, str(t.device))
                     for t in itertools.chain(model.parameters(), model.buffers()))
@@ -261,7 +261,6 @@ def all_connections_to(model: nn.Module, upstream: str, layer: str,
     while nothing it depends on has changed (:func:`_model_stamp`: an optimiser step, a
     ``load_state_dict``, a swapped module, a hook or ``.train()`` invalidates it). The weight
     arrays are read-only."""
-    counts = channel_counts(model)
     stamp = _model_stamp(model)
     memo = _ALL_CONNECTIONS_MEMO.setdefault(model, {})
     key = (stamp, upstream, layer)
@@ -269,7 +268,7 @@ def all_connections_to(model: nn.Module, upstream: str, layer: str,
         found = memo.pop(key)
         memo[key] = found  # most recently used last
         return dict(found)
-    found = connections_to(model, upstream, layer, range(counts[layer]), graph)
+    found = connections_to(model, upstream, layer, range(channel_counts(model)[layer]), graph)
     for w, _kind in found.values():
         w.flags.writeable = False
     for old in [k for k in memo if k[0] != stamp]:  # the model changed: those can never be asked for again
